@@ -1,0 +1,226 @@
+"""The controller's state machine: plain functions from (state, event) to (state, commands).
+
+No I/O here. The bus adapter loads the state from the KV store, calls one of these, publishes the returned
+envelopes, then saves the state; every envelope's id is deterministic, so a crash between publishing and
+saving re-publishes the same ids and JetStream drops the copies.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from llamaduo.contracts import (
+    ArtifactRef,
+    Envelope,
+    EvalScored,
+    InferDone,
+    MigrationCompleted,
+    MigrationFailed,
+    MigrationProgress,
+    RoundSummary,
+    Score,
+    Stage,
+    Subject,
+    SynthReady,
+    SynthRequest,
+    TrainDone,
+    TrainRequest,
+    Usage,
+)
+from llamaduo.scoring import aggregate
+from llamaduo.spec import MigrationSpec
+
+
+class RoundState(BaseModel):
+    round: int
+    datasets: list[ArtifactRef]
+    train_rows: int
+    synthetic_rows: int = 0
+    adapter: ArtifactRef | None = None
+    train_loss: float | None = None
+    predictions: ArtifactRef | None = None
+    batches: int | None = None
+    scores: dict[int, list[Score]] = Field(default_factory=dict, description="Scores by judge batch")
+    judge_provider: str = ""
+    usage: Usage = Field(default_factory=Usage)
+    summary: RoundSummary | None = None
+
+
+class DataRefs(BaseModel):
+    train: ArtifactRef
+    coverage: ArtifactRef
+    test: ArtifactRef
+
+
+class MigrationState(BaseModel):
+    migration_id: str
+    correlation_id: str
+    stage: Stage = Stage.PREPARING
+    spec: dict
+    data: DataRefs | None = None
+    rounds: list[RoundState] = Field(default_factory=list)
+    used_seed_ids: list[str] = Field(default_factory=list)
+    synthetic: list[ArtifactRef] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    applied: list[str] = Field(default_factory=list, description="Event ids already applied")
+    outcome: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stage in (Stage.COMPLETED, Stage.FAILED)
+
+    @property
+    def parsed_spec(self) -> MigrationSpec:
+        return MigrationSpec.model_validate(self.spec)
+
+    def current(self, round: int) -> RoundState | None:
+        return self.rounds[round] if 0 <= round < len(self.rounds) else None
+
+    def best_round(self) -> RoundState | None:
+        scored = [r for r in self.rounds if r.summary and r.adapter]
+        if not scored:
+            return None
+        gate = self.parsed_spec.judge.gate
+        return max(scored, key=lambda r: (r.summary.aggregates.get(gate, 0.0), -r.round))  # type: ignore[union-attr]
+
+
+Outputs = list[Envelope]
+
+
+def _progress(state: MigrationState, cause: Envelope, round: int, stage: Stage, detail: str = "",
+              **counts: int) -> Envelope:
+    state.stage = stage
+    return cause.follow(Subject.MIGRATION_PROGRESS, MigrationProgress(stage=stage, detail=detail, **counts),
+                        round=round, key=f"progress-{stage}-{detail}")
+
+
+def start(cause: Envelope, spec: MigrationSpec, data: DataRefs) -> tuple[MigrationState, Outputs]:
+    """A new migration whose data is in the store: train round 0 on the coverage split."""
+    state = MigrationState(
+        migration_id=cause.migration_id,
+        correlation_id=cause.correlation_id,
+        spec=spec.model_dump(mode="json"),
+        data=data,
+        applied=[cause.event_id],
+    )
+    rows = data.coverage.rows or 0
+    state.rounds.append(RoundState(round=0, datasets=[data.coverage], train_rows=rows))
+    return state, [
+        _progress(state, cause, 0, Stage.TRAINING, f"{rows} rows"),
+        cause.follow(Subject.TRAIN_REQUEST, TrainRequest(datasets=[data.coverage], rows=rows), round=0,
+                     key="train"),
+    ]
+
+
+def on_train_done(state: MigrationState, event: Envelope[TrainDone]) -> Outputs:
+    rnd = state.current(event.round)
+    if rnd is None or state.done:
+        return []
+    rnd.adapter = event.payload.adapter
+    rnd.train_loss = event.payload.train_loss
+    return [_progress(state, event, event.round, Stage.INFERENCE)]
+
+
+def on_infer_done(state: MigrationState, event: Envelope[InferDone]) -> Outputs:
+    rnd = state.current(event.round)
+    if rnd is None or state.done:
+        return []
+    rnd.predictions = event.payload.predictions
+    rnd.batches = event.payload.batches
+    total = event.payload.prompts * event.payload.samples_per_prompt
+    return [_progress(state, event, event.round, Stage.JUDGING, judged=0, to_judge=total)]
+
+
+def on_eval_scored(state: MigrationState, event: Envelope[EvalScored]) -> Outputs:
+    """Collect one judged batch; when the round is complete, gate it."""
+    rnd = state.current(event.round)
+    p = event.payload
+    if rnd is None or state.done or p.batch in rnd.scores:
+        return []  # unknown round, finished migration, or a batch counted already
+    rnd.scores[p.batch] = p.scores
+    rnd.batches = p.batches
+    rnd.usage = rnd.usage + p.usage
+    rnd.judge_provider = p.provider
+    state.usage = state.usage + p.usage
+    judged = sum(len(s) for s in rnd.scores.values())
+    if len(rnd.scores) < p.batches:
+        return [_progress(state, event, event.round, Stage.JUDGING, detail=f"batch {len(rnd.scores)}",
+                          judged=judged)]
+    return _close_round(state, rnd, event)
+
+
+def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope) -> Outputs:
+    spec = state.parsed_spec
+    scores = [s for batch in sorted(rnd.scores) for s in rnd.scores[batch]]
+    agg = aggregate(scores)
+    value = agg.get(spec.judge.gate, 0.0)
+    passed = value >= spec.judge.threshold
+    budget = spec.budget
+    over_tokens = budget.max_service_tokens is not None and state.usage.tokens >= budget.max_service_tokens
+    over_cost = budget.max_cost is not None and state.usage.cost >= budget.max_cost
+    last_round = rnd.round + 1 >= budget.max_rounds
+    decision = "pass" if passed else ("stop" if (last_round or over_tokens or over_cost) else "continue")
+    rnd.summary = RoundSummary(
+        round=rnd.round, train_rows=rnd.train_rows, synthetic_rows=rnd.synthetic_rows, adapter=rnd.adapter,
+        train_loss=rnd.train_loss, aggregates={k: float(v) for k, v in agg.items()},
+        judged=int(agg.get("judged", len(scores))), failed_judgements=int(agg.get("failed", 0)),
+        gate_metric=spec.judge.gate, threshold=spec.judge.threshold, decision=decision, usage=rnd.usage,
+    )
+    summaries = [r.summary for r in state.rounds if r.summary]
+    if passed:
+        state.stage, state.outcome = Stage.COMPLETED, "completed"
+        return [cause.follow(Subject.MIGRATION_COMPLETED, MigrationCompleted(
+            model=rnd.adapter or ArtifactRef(key=""), best_round=rnd.round, rounds=summaries, usage=state.usage,
+        ), key="completed")]
+    if decision == "stop":
+        reason = "budget" if (over_tokens or over_cost) else "max_rounds"
+        detail = (f"{spec.judge.gate} {value:.1f} < {spec.judge.threshold} after {rnd.round + 1} rounds"
+                  if reason == "max_rounds" else
+                  f"service usage {state.usage.tokens} tokens / {state.usage.cost:.4f} cost reached the budget")
+        return fail(state, cause, reason, detail)
+    failed_ids = sorted({s.item_id for s in scores if s.failed or (s.similarity or 0) < 50})
+    nxt = rnd.round + 1
+    return [
+        _progress(state, cause, nxt, Stage.SYNTHESIS, f"round {nxt}"),
+        cause.follow(Subject.SYNTH_REQUEST, SynthRequest(
+            samples=spec.synthesis.samples_per_round, exclude_seed_ids=list(state.used_seed_ids),
+            failed_item_ids=failed_ids,
+        ), round=nxt, key="synth"),
+    ]
+
+
+def on_synth_ready(state: MigrationState, event: Envelope[SynthReady]) -> Outputs:
+    """New synthetic data: train the next round on coverage + every synthetic set so far."""
+    if state.done or event.round != len(state.rounds):
+        return []
+    p = event.payload
+    state.synthetic.append(p.dataset)
+    state.used_seed_ids.extend(i for i in p.seed_ids if i not in state.used_seed_ids)
+    state.usage = state.usage + p.usage
+    datasets = [state.data.coverage, *state.synthetic]
+    rows = sum(d.rows or 0 for d in datasets)
+    synthetic_rows = sum(d.rows or 0 for d in state.synthetic)
+    state.rounds.append(RoundState(round=event.round, datasets=datasets, train_rows=rows,
+                                   synthetic_rows=synthetic_rows, usage=p.usage))
+    return [
+        _progress(state, event, event.round, Stage.TRAINING, f"{rows} rows"),
+        event.follow(Subject.TRAIN_REQUEST, TrainRequest(datasets=datasets, rows=rows), key="train"),
+    ]
+
+
+def fail(state: MigrationState, cause: Envelope, reason: str, detail: str) -> Outputs:
+    """End the migration as failed, keeping its best model so far."""
+    if state.done:
+        return []
+    best = state.best_round()
+    state.stage, state.outcome = Stage.FAILED, reason
+    return [cause.follow(Subject.MIGRATION_FAILED, MigrationFailed(
+        reason=reason, detail=detail, best_model=best.adapter if best else None,
+        best_round=best.round if best else None, rounds=[r.summary for r in state.rounds if r.summary],
+        usage=state.usage,
+    ), key="failed")]
+
+
+def failed_before_start(cause: Envelope, reason: str, detail: str) -> Envelope:
+    """``migration.failed`` for a migration refused before it had any state (bad spec or data)."""
+    return cause.follow(Subject.MIGRATION_FAILED, MigrationFailed(reason=reason, detail=detail), key="failed")

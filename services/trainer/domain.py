@@ -1,0 +1,247 @@
+"""Fine-tune a student on instruction/response rows: LoRA, QLoRA (4/8-bit) or full fine-tuning, with TRL.
+
+The rows become a conversational prompt-completion dataset (prompt = system + user messages, completion =
+the assistant message), so the loss is on the assistant turn only. The output folder holds the adapter
+(LoRA) or the whole model (full), the tokenizer and :data:`STUDENT_META_FILE`, which tells inference how to
+load it. Heavy libraries are imported inside functions, so importing this module is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from llamaduo.examples import Example
+from llamaduo.spec import StudentSpec
+from llamaduo.student import load_causal_lm, load_tokenizer, prompt_messages, resolve_base_model
+
+#: File in a trained student's folder describing how to load it.
+STUDENT_META_FILE = "llamaduo_student.json"
+
+
+class TrainProgressInfo(BaseModel):
+    """One progress report (same fields as :class:`llamaduo.contracts.TrainProgress`)."""
+
+    step: int
+    total_steps: int
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class TrainResult(BaseModel):
+    """What a finished training run did."""
+
+    rows: int
+    steps: int
+    train_loss: float | None = None
+    final_loss: float | None = None
+    first_loss: float | None = None
+    seconds: float
+    tokens_per_second: float | None = None
+    trainable_params: int
+    method: str
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+
+
+def lora_rank(rows: int, r: int | None = None, alpha: int | None = None) -> tuple[int, int]:
+    """LoRA ``(r, alpha)``: the given ones, else the paper's schedule by data size (8/16/32, alpha = 2r)."""
+    if r is None:
+        r = 8 if rows <= 16_000 else 16 if rows <= 32_000 else 32
+    return r, alpha if alpha is not None else 2 * r
+
+
+def build_dataset(examples: list[Example], system_prompt: str) -> Any:
+    """Conversational prompt-completion ``datasets.Dataset`` of ``examples``."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": prompt_messages(ex.instruction, system_prompt),
+                "completion": [{"role": "assistant", "content": ex.response}],
+            }
+            for ex in examples
+        ]
+    )
+
+
+def read_student_meta(model_dir: Path) -> dict[str, Any]:
+    """The :data:`STUDENT_META_FILE` of a trained student folder."""
+    path = Path(model_dir) / STUDENT_META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a trained student folder: {STUDENT_META_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+def _progress_callback(progress: Callable[[TrainProgressInfo], None], losses: list[float]) -> Any:
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        """Reports step, loss, tokens/s and ETA at every log event and at the end."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start, self.start_step, self.start_tokens = time.monotonic(), state.global_step, 0
+            self.start_tokens = state.num_input_tokens_seen
+
+        def _report(self, state: Any) -> None:
+            elapsed = max(time.monotonic() - self.start, 1e-9)
+            done = state.global_step - self.start_step
+            eta = (state.max_steps - state.global_step) * elapsed / done if done else None
+            tps = (state.num_input_tokens_seen - self.start_tokens) / elapsed
+            progress(
+                TrainProgressInfo(
+                    step=state.global_step,
+                    total_steps=state.max_steps,
+                    loss=losses[-1] if losses else None,
+                    tokens_per_second=tps,
+                    eta_seconds=eta,
+                )
+            )
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+                if progress is not None:
+                    self._report(state)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if progress is not None:
+                self._report(state)
+
+    return _Progress()
+
+
+def _last_checkpoint(checkpoint_dir: Path | None) -> str | None:
+    if checkpoint_dir is None or not checkpoint_dir.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoint_dir))
+
+
+def train(
+    student: StudentSpec,
+    examples: list[Example],
+    system_prompt: str,
+    output_dir: Path,
+    *,
+    progress: Callable[[TrainProgressInfo], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    base_model_path: str | None = None,
+) -> TrainResult:
+    """Fine-tune ``student`` on ``examples`` and save it to ``output_dir``.
+
+    ``checkpoint_dir``: save checkpoints there and resume from the last one present (a killed run resumes).
+    ``base_model_path``: an already resolved base model folder (default: :func:`resolve_base_model`).
+    """
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    if not examples:
+        raise ValueError("train() needs at least one example")
+    started = time.monotonic()
+    cfg = student.training
+    cuda = torch.cuda.is_available()
+    base_path = base_model_path or resolve_base_model(student.base_model)
+    tokenizer = load_tokenizer(base_path)
+    tokenizer.padding_side = "right"
+    model = load_causal_lm(base_path, student.quantization)
+
+    peft_config, r, alpha = None, None, None
+    if student.method == "lora":
+        from peft import LoraConfig
+
+        r, alpha = lora_rank(len(examples), student.lora.r, student.lora.alpha)
+        peft_config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=student.lora.dropout,
+            target_modules=student.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        if student.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cuda)
+
+    steps_per_epoch = max(1, math.ceil(len(examples) / (cfg.batch_size * cfg.gradient_accumulation_steps)))
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scratch = None if checkpoint_dir is not None else tempfile.TemporaryDirectory(prefix="llamaduo-train-")
+    work_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(scratch.name)  # type: ignore[union-attr]
+    args = SFTConfig(
+        output_dir=str(work_dir),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        warmup_steps=math.ceil(total_steps * cfg.warmup_fraction),
+        lr_scheduler_type=cfg.lr_scheduler,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=cuda,
+        logging_steps=max(1, total_steps // 20),
+        logging_first_step=True,
+        report_to="none",
+        save_strategy="steps" if checkpoint_dir is not None else "no",
+        save_steps=max(1, total_steps // 10),
+        save_total_limit=2,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=cuda,
+        disable_tqdm=True,
+    )
+    losses: list[float] = []
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=build_dataset(examples, system_prompt),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_progress_callback(progress, losses)],
+    )
+    try:
+        output = trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoint_dir))
+        state = trainer.state
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(str(output_dir))
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(str(output_dir))
+        meta = {
+            "method": student.method,
+            "base_model": student.base_model,
+            "base_model_path": str(base_path),
+            "quantization": student.quantization,
+            "lora": {"r": r, "alpha": alpha} if r is not None else None,
+            "system_prompt": system_prompt,
+        }
+        (output_dir / STUDENT_META_FILE).write_text(json.dumps(meta, indent=2))
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    seconds = time.monotonic() - started
+    train_seconds = float(output.metrics.get("train_runtime") or seconds)
+    return TrainResult(
+        rows=len(examples),
+        steps=state.global_step,
+        train_loss=output.training_loss,
+        final_loss=losses[-1] if losses else None,
+        first_loss=losses[0] if losses else None,
+        seconds=seconds,
+        tokens_per_second=state.num_input_tokens_seen / train_seconds if train_seconds > 0 else None,
+        trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        method=student.method,
+        lora_r=r,
+        lora_alpha=alpha,
+    )

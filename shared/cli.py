@@ -1,0 +1,293 @@
+"""``llamaduo``: run a migration, run a service, look at an installation.
+
+Heavy imports live inside the commands, so ``--help`` and the light commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEMO_SPEC = "invoice_demo.yaml"
+
+
+def _settings() -> Any:
+    from llamaduo.settings import Settings
+
+    return Settings()
+
+
+def _err(msg: str) -> int:
+    print(f"llamaduo: {msg}", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------------------- migrate
+
+
+def _summary(migration_id: str, final: Any | None) -> dict[str, Any]:
+    if final is None:
+        return {"migration_id": migration_id, "status": "unknown", "rounds": []}
+    p = final.payload
+    rounds = [{
+        "round": r.round, "training_rows": r.train_rows, "synthetic_rows": r.synthetic_rows,
+        "aggregates": {k: round(v, 2) for k, v in r.aggregates.items()},
+        "gate": r.gate_metric, "threshold": r.threshold, "decision": r.decision,
+    } for r in p.rounds]
+    out = {"migration_id": migration_id, "status": "completed" if hasattr(p, "model") else "failed",
+           "rounds": rounds, "service_tokens": p.usage.tokens, "cost": round(p.usage.cost, 6),
+           "simulated_teacher": p.usage.simulated}
+    if hasattr(p, "model"):
+        out["model"] = p.model.key
+        out["best_round"] = p.best_round
+    else:
+        out["reason"], out["detail"] = p.reason, p.detail
+        out["model"] = p.best_model.key if p.best_model else None
+    return out
+
+
+def _print_table(summary: dict[str, Any], stream: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"migration {summary['migration_id']}: {summary['status']}")
+    for col in ("round", "train rows", "synthetic", "similarity", "precision", ">=50 %", ">=70 %", "gate",
+                "decision"):
+        table.add_column(col, justify="right")
+    for r in summary["rounds"]:
+        a = r["aggregates"]
+        table.add_row(str(r["round"]), str(r["training_rows"]), str(r["synthetic_rows"]),
+                      f"{a.get('similarity_mean', 0):.1f}", f"{a.get('precision_mean', 0):.1f}",
+                      f"{a.get('coverage_50', 0):.1f}", f"{a.get('coverage_70', 0):.1f}",
+                      f"{r['gate']} >= {r['threshold']}", r["decision"] or "")
+    console = Console(file=stream)
+    console.print(table)
+    if summary.get("model"):
+        console.print(f"model: {summary['model']}")
+    if summary["status"] != "completed":
+        console.print(f"reason: {summary.get('reason')}: {summary.get('detail')}")
+    if summary.get("simulated_teacher"):
+        console.print("teacher: simulated (offline oracle), no service LLM was called")
+
+
+def _describe(env: Any) -> str:
+    from llamaduo.contracts import Subject
+
+    p, t = env.payload, env.type
+    if t == Subject.MIGRATION_PROGRESS:
+        extra = f" {p.judged}/{p.to_judge}" if p.to_judge else (f" judged {p.judged}" if p.judged else "")
+        return f"{p.stage}{(' ' + p.detail) if p.detail else ''}{extra}"
+    if t == Subject.TRAIN_PROGRESS:
+        loss = f" loss {p.loss:.3f}" if p.loss is not None else ""
+        return f"training step {p.step}/{p.total_steps}{loss}"
+    if t == Subject.TRAIN_DONE:
+        return f"trained on {p.rows} rows in {p.seconds:.0f}s (loss {p.train_loss})"
+    if t == Subject.INFER_DONE:
+        return f"answered {p.prompts} test prompts x{p.samples_per_prompt}"
+    if t == Subject.EVAL_SCORED:
+        return f"judged batch {p.batch + 1}/{p.batches} ({p.provider}, {p.usage.tokens} tokens)"
+    if t == Subject.SYNTH_READY:
+        return f"synthesized {p.generated}, kept {p.kept}, removed {p.removed} ({p.provider})"
+    if t == Subject.MIGRATION_COMPLETED:
+        return f"completed: model {p.model.key}"
+    if t == Subject.MIGRATION_FAILED:
+        return f"failed: {p.reason}: {p.detail}"
+    return str(t)
+
+
+async def _run_migration(settings: Any, spec: Any, migration_id: str, log: Any,
+                         timeout: float | None) -> dict[str, Any]:
+    from llamaduo.client import TERMINAL, follow, publish_start, upload_dataset
+    from llamaduo.store import ArtifactStore
+
+    store = ArtifactStore(settings)
+    spec = await asyncio.to_thread(upload_dataset, store, migration_id, spec)
+    await publish_start(settings, migration_id, spec)
+    final = None
+
+    async def watch() -> None:
+        nonlocal final
+        async for env in follow(settings, migration_id):
+            print(f"[round {env.round}] {_describe(env)}", file=log, flush=True)
+            if env.type in TERMINAL:
+                final = env
+
+    await asyncio.wait_for(watch(), timeout)
+    return _summary(migration_id, final)
+
+
+def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
+    from llamaduo.contracts import new_migration_id, validate_migration_id
+    from llamaduo.spec import SpecError, load_spec
+
+    path = spec_path or Path(args.spec)
+    try:
+        spec = load_spec(path)
+        migration_id = validate_migration_id(args.id) if args.id else new_migration_id()
+    except (SpecError, ValueError) as err:
+        return _err(str(err))
+    log = sys.stderr if args.json else sys.stdout
+    embedded = None
+    try:
+        if args.embedded:
+            from llamaduo.embedded import Embedded
+
+            data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="llamaduo-"))
+            print(f"starting embedded NATS + S3 + 5 services under {data_dir}", file=log, flush=True)
+            embedded = Embedded(data_dir).start()
+            settings = embedded.settings
+        else:
+            settings = _settings()
+        print(f"migration {migration_id}: task {spec.task.name!r}, student {spec.student.base_model}, "
+              f"teacher {spec.teacher.provider}", file=log, flush=True)
+        summary = asyncio.run(_run_migration(settings, spec, migration_id, log, args.timeout))
+    except KeyboardInterrupt:
+        print("interrupted; stopping", file=sys.stderr)
+        return 130
+    except (TimeoutError, asyncio.TimeoutError):
+        return _err(f"migration {migration_id} did not finish within {args.timeout}s")
+    except ConnectionError as err:
+        return _err(str(err))
+    finally:
+        if embedded:
+            embedded.stop()
+    _print_table(summary, log)
+    if args.json:
+        print(json.dumps(summary))
+    return 0 if summary["status"] == "completed" else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.embedded = True
+    args.spec = None
+    with resources.as_file(resources.files("llamaduo.tasks").joinpath(DEMO_SPEC)) as path:
+        return cmd_migrate(args, Path(path))
+
+
+# ------------------------------------------------------------------------------------------- others
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from llamaduo.runtime import SERVICES, run
+
+    if args.name not in SERVICES:
+        return _err(f"unknown service {args.name!r}; choose one of {', '.join(SERVICES)}")
+    run(args.name)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from llamaduo.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as err:
+        return _err(str(err))
+    print(f"{args.spec}: valid (task {spec.task.name!r}, student {spec.student.base_model})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from llamaduo.client import list_states
+
+    try:
+        states = asyncio.run(list_states(_settings(), args.id))
+    except ConnectionError as err:
+        return _err(str(err))
+    if args.json:
+        print(json.dumps([{k: s.get(k) for k in ("migration_id", "stage", "outcome")} | {
+            "round": len(s.get("rounds", [])) - 1} for s in states]))
+        return 0
+    if not states:
+        print("no migrations")
+    for s in states:
+        print(f"{s['migration_id']}: {s['stage']} (round {len(s.get('rounds', [])) - 1})"
+              f"{' ' + s['outcome'] if s.get('outcome') else ''}")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from llamaduo.client import follow
+
+    async def run() -> None:
+        async for env in follow(_settings(), args.id, stop_at_end=not args.follow or bool(args.id)):
+            print(env.model_dump_json() if args.json else
+                  f"{env.occurred_at:%H:%M:%S} {env.migration_id} r{env.round} {env.type}: {_describe(env)}",
+                  flush=True)
+
+    try:
+        asyncio.run(run())
+    except (KeyboardInterrupt, ConnectionError) as err:
+        return 0 if isinstance(err, KeyboardInterrupt) else _err(str(err))
+    return 0
+
+
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    from llamaduo.contract_docs import asyncapi_yaml
+
+    text = asyncapi_yaml()
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamaduo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def migration_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--id", help="migration id (default: generated)")
+        p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
+        p.add_argument("--data-dir", help="embedded mode: where servers keep their data (default: temp)")
+        p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+
+    p = sub.add_parser("migrate", help="run a migration from a spec file")
+    p.add_argument("spec")
+    p.add_argument("--embedded", action="store_true", help="start private NATS, S3 and the five services")
+    migration_options(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("demo", help="the invoice-extraction demo, embedded and offline")
+    migration_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("service", help="run one service against LLAMADUO_NATS_URL / LLAMADUO_S3_ENDPOINT")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_service)
+
+    p = sub.add_parser("validate", help="check a spec file and exit")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("status", help="migrations of a running installation")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("events", help="the event log of a running installation")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--follow", action="store_true", help="keep waiting for new events")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("asyncapi", help="print the AsyncAPI document of the event contract")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_asyncapi)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

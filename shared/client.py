@@ -1,0 +1,119 @@
+"""Client side of an installation: start a migration, follow its events, read its state.
+
+Uses plain nats-py (no service code), like any other client of the published contract would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from llamaduo.bus import make_stream, nats_connect_kwargs
+from llamaduo.contracts import Envelope, Subject, parse_event, start_envelope
+from llamaduo.settings import Settings
+from llamaduo.spec import MigrationSpec
+from llamaduo.store import ArtifactStore, migration_key
+
+TERMINAL = (Subject.MIGRATION_COMPLETED, Subject.MIGRATION_FAILED)
+
+
+def upload_dataset(store: ArtifactStore, migration_id: str, spec: MigrationSpec) -> MigrationSpec:
+    """Put a local coverage file into the store and point the spec at it, so every service can read it."""
+    source = spec.dataset.source
+    if "://" in source or source.startswith(("hf:", "package:")):
+        return spec
+    path = Path(source)
+    store.ensure_bucket()
+    key = migration_key(migration_id, "upload", "coverage" + path.suffix)
+    store.put_file(key, path)
+    dataset = spec.dataset.model_copy(update={"source": f"s3://{store.bucket}/{key}"})
+    return spec.model_copy(update={"dataset": dataset})
+
+
+async def connect(settings: Settings) -> Any:
+    import nats
+
+    try:
+        return await nats.connect(**nats_connect_kwargs(settings), connect_timeout=5, max_reconnect_attempts=3,
+                                  allow_reconnect=True)
+    except Exception as err:  # nats-py raises several types; the message is what matters to a user
+        raise ConnectionError(f"cannot connect to NATS at {settings.nats_url.split('@')[-1]}: "
+                              f"{type(err).__name__}: {err}") from None
+
+
+async def ensure_stream(js: Any, settings: Settings) -> None:
+    """Create the stream if no service has yet (a client may start first)."""
+    from nats.js.api import StorageType, StreamConfig
+
+    cfg = make_stream(settings).config
+    try:
+        await js.stream_info(settings.stream_name)
+    except Exception:
+        await js.add_stream(StreamConfig(name=settings.stream_name, subjects=cfg.subjects,
+                                         storage=StorageType.FILE, duplicate_window=cfg.duplicate_window))
+
+
+async def publish_start(settings: Settings, migration_id: str, spec: MigrationSpec) -> Envelope:
+    nc = await connect(settings)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, settings)
+        env = start_envelope(migration_id, spec.model_dump(mode="json"))
+        await js.publish(settings.subject(Subject.MIGRATION_START), env.to_bytes(),
+                         headers={"Nats-Msg-Id": env.event_id})
+        return env
+    finally:
+        await nc.close()
+
+
+async def follow(settings: Settings, migration_id: str | None = None, *, from_start: bool = True,
+                 stop_at_end: bool = True) -> AsyncIterator[Envelope]:
+    """Yield the events of one migration (or all) in stream order; ends after its terminal event."""
+    from nats.js.api import DeliverPolicy
+
+    nc = await connect(settings)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, settings)
+        sub = await js.subscribe(settings.subject(">") if settings.subject_prefix else ">",
+                                 stream=settings.stream_name, ordered_consumer=True,
+                                 deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW)
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=3600)
+            except asyncio.TimeoutError:
+                continue
+            try:
+                env = parse_event(msg.data)
+            except Exception:
+                continue  # dead letters and foreign messages are not migration events
+            if migration_id and env.migration_id != migration_id:
+                continue
+            yield env
+            if stop_at_end and migration_id and env.type in TERMINAL:
+                return
+    finally:
+        await nc.close()
+
+
+async def list_states(settings: Settings, migration_id: str | None = None) -> list[dict[str, Any]]:
+    """Controller states from the KV bucket (what ``llamaduo status`` shows)."""
+    nc = await connect(settings)
+    try:
+        kv = await nc.jetstream().key_value(settings.kv_bucket)
+        keys = [migration_id] if migration_id else await kv.keys()
+        out = []
+        for key in keys:
+            entry = await kv.get(key)
+            if entry.value:
+                out.append(json.loads(entry.value))
+        return out
+    except Exception as err:
+        if "not found" in str(err).lower() or "no keys" in str(err).lower():
+            return []
+        raise
+    finally:
+        await nc.close()

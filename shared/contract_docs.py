@@ -1,0 +1,59 @@
+"""The published contract, generated from the code: AsyncAPI (via FastStream) and JSON Schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llamaduo.contracts import PAYLOADS, Envelope, Subject
+from llamaduo.settings import Settings
+
+
+def all_services_bus():  # type: ignore[no-untyped-def]
+    """One (unconnected) bus with every service's handlers registered: the whole system's contract."""
+    from llamaduo.bus import Bus
+    from llamaduo.runtime import SERVICES, registrar
+    from llamaduo.store import ArtifactStore
+
+    settings = Settings()
+    bus = Bus(settings, "contract")
+    store = ArtifactStore(settings)
+    for name in SERVICES:
+        registrar(name)(bus, store)
+    return bus
+
+
+def asyncapi_yaml() -> str:
+    from faststream.specification import AsyncAPI
+
+    from llamaduo import __version__
+
+    spec = AsyncAPI(all_services_bus().broker, title="LlamaDuo events", version=__version__,
+                    description="Subjects, envelopes and payloads of a LlamaDuo installation "
+                                "(JetStream; optional subject prefix).")
+    return spec.to_specification().to_yaml()
+
+
+def json_schemas() -> dict[str, str]:
+    """File name -> JSON Schema text, one per subject's envelope."""
+    out = {}
+    for name in Subject:
+        model = Envelope[PAYLOADS[name]]  # type: ignore[index]
+        out[f"{name}.schema.json"] = json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
+    return out
+
+
+def write_docs(docs_dir: Path) -> list[Path]:
+    written = [docs_dir / "asyncapi.yaml"]
+    written[0].write_text(asyncapi_yaml())
+    schema_dir = docs_dir / "schemas"
+    schema_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in json_schemas().items():
+        (schema_dir / name).write_text(text)
+        written.append(schema_dir / name)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_docs(Path(__file__).resolve().parent.parent / "docs"):
+        print(p)

@@ -1,0 +1,83 @@
+"""The one provider interface for service LLMs (judge and synthesizer talk only to this).
+
+A provider turns a :class:`CompletionRequest` into a :class:`Completion` with token counts and cost.
+Network providers read ``messages``; the offline ``simulated`` provider reads ``context`` (the same inputs,
+structured), so both go through the same prompt-building, JSON-parsing and validation code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from llamaduo.spec import ProviderSpec, TaskSpec
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class CompletionRequest(BaseModel):
+    purpose: Literal["judge", "synthesize", "chat"]
+    messages: list[ChatMessage]
+    json_schema: dict[str, Any] | None = Field(default=None, description="Structured output schema, if any")
+    temperature: float = 0.0
+    max_tokens: int | None = None
+    context: dict[str, Any] = Field(default_factory=dict, description="Structured inputs behind the prompt")
+
+
+class Completion(BaseModel):
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    model: str = ""
+    cached: bool = False
+
+
+class ProviderError(RuntimeError):
+    """A call that failed after the provider's own retries. ``retryable`` tells the caller if asking
+    again later may work."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Provider(ABC):
+    """A service LLM. Implementations must be safe to call concurrently from one event loop."""
+
+    #: name shown in logs and reports; the simulated one says so
+    name: str = "provider"
+    simulated: bool = False
+
+    def __init__(self, spec: ProviderSpec, task: TaskSpec) -> None:
+        self.spec = spec
+        self.task = task
+
+    @abstractmethod
+    async def complete(self, request: CompletionRequest) -> Completion:
+        """Answer one request. Raise :class:`ProviderError` when it cannot."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count (4 characters a token) for providers that report none."""
+    return max(1, len(text) // 4)
+
+
+def make_provider(spec: ProviderSpec, task: TaskSpec) -> Provider:
+    """Build the provider named by ``spec.provider``."""
+    if spec.provider == "simulated":
+        from llamaduo.providers.simulated import SimulatedProvider
+
+        return SimulatedProvider(spec, task)
+    raise NotImplementedError(
+        f"provider {spec.provider!r} is not available yet in this build; use 'simulated' "
+        "(network providers: see the open service-LLM issue)"
+    )

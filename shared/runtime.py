@@ -1,0 +1,54 @@
+"""Running one service: connect, register its handlers, serve until SIGTERM/SIGINT, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections.abc import Callable
+
+from llamaduo.bus import Bus
+from llamaduo.logs import setup_logging
+from llamaduo.settings import Settings
+from llamaduo.store import ArtifactStore
+
+SERVICES = ("controller", "trainer", "inference", "judge", "synthesizer")
+
+log = logging.getLogger("llamaduo.runtime")
+
+
+def registrar(name: str) -> Callable[[Bus, ArtifactStore], None]:
+    """The ``register(bus, store)`` function of service ``name``."""
+    if name not in SERVICES:
+        raise ValueError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
+    return importlib.import_module(f"llamaduo.services.{name}.app").register
+
+
+def build(name: str, settings: Settings) -> Bus:
+    bus = Bus(settings, name)
+    store = ArtifactStore(settings)
+    registrar(name)(bus, store)
+    return bus
+
+
+async def serve(name: str, settings: Settings) -> None:
+    """Run service ``name`` until a stop signal; in-flight work finishes (graceful timeout) first."""
+    setup_logging(name, settings.log_level)
+    bus = build(name, settings)
+    store = ArtifactStore(settings)
+    await asyncio.to_thread(store.ensure_bucket)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await bus.broker.start()
+    log.info("service started", extra={"nats": settings.nats_url.split("@")[-1], "s3": settings.s3_endpoint,
+                                       "prefix": settings.subject_prefix})
+    await stop.wait()
+    log.info("stopping")
+    await bus.broker.stop()
+
+
+def run(name: str, settings: Settings | None = None) -> None:
+    asyncio.run(serve(name, settings or Settings()))

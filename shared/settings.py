@@ -1,0 +1,68 @@
+"""The one config loader: every service reads ``LLAMADUO_*`` environment variables through :class:`Settings`."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Connection settings shared by the CLI and all services.
+
+    Secrets are ``SecretStr``: they print as ``**********`` in logs, reprs and errors.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LLAMADUO_", extra="ignore")
+
+    # NATS
+    nats_url: str = Field(default="nats://127.0.0.1:4222", description="Comma-separated server URLs")
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
+    nats_creds_file: Path | None = Field(default=None, description="JWT + nkey .creds file")
+    nats_nkey_seed_file: Path | None = None
+    nats_tls_ca_file: Path | None = None
+    nats_tls_cert_file: Path | None = None
+    nats_tls_key_file: Path | None = None
+    subject_prefix: str = Field(default="", description="Lets several installations share one NATS account")
+
+    # S3
+    s3_endpoint: str = Field(default="127.0.0.1:9000", description="host:port of any S3 server")
+    s3_access_key: SecretStr = SecretStr("llamaduo")
+    s3_secret_key: SecretStr = SecretStr("llamaduo-secret")
+    s3_secure: bool = False
+    s3_region: str | None = Field(default="us-east-1", description="Set explicitly: saves a lookup some servers lack")
+    s3_bucket: str = "llamaduo"
+
+    # Local
+    work_dir: Path = Field(default=Path(".data/work"), description="Scratch space for models and datasets")
+    log_level: str = "INFO"
+    service_name: str = "llamaduo"
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip(".")
+        if value and not all(part.replace("-", "").replace("_", "").isalnum() for part in value.split(".")):
+            raise ValueError(f"LLAMADUO_SUBJECT_PREFIX {value!r} may hold only letters, digits, '-', '_' and '.'")
+        return value
+
+    @cached_property
+    def stream_name(self) -> str:
+        base = "LLAMADUO"
+        return f"{self.subject_prefix.replace('.', '_').replace('-', '_').upper()}_{base}" if self.subject_prefix else base
+
+    @cached_property
+    def kv_bucket(self) -> str:
+        return f"{self.stream_name}_STATE"
+
+    def subject(self, name: str) -> str:
+        return f"{self.subject_prefix}.{name}" if self.subject_prefix else name
+
+    def unprefixed(self, full_subject: str) -> str:
+        if self.subject_prefix and full_subject.startswith(self.subject_prefix + "."):
+            return full_subject[len(self.subject_prefix) + 1 :]
+        return full_subject

