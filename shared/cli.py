@@ -228,6 +228,27 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ping(args: argparse.Namespace) -> int:
+    """Health check: NATS answers and the bucket is reachable (used by docker compose)."""
+    from llamaduo.client import connect
+    from llamaduo.store import ArtifactStore
+
+    settings = _settings()
+
+    async def check() -> None:
+        nc = await connect(settings)
+        await nc.flush(timeout=5)
+        await nc.close()
+
+    try:
+        asyncio.run(check())
+        ArtifactStore(settings).ensure_bucket()
+    except Exception as err:
+        return _err(f"unhealthy: {err}")
+    print("ok")
+    return 0
+
+
 def cmd_asyncapi(args: argparse.Namespace) -> int:
     from llamaduo.contract_docs import asyncapi_yaml
 
@@ -277,6 +298,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="keep waiting for new events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("ping", help="exit 0 when NATS and S3 answer (health check)")
+    p.set_defaults(func=cmd_ping)
 
     p = sub.add_parser("asyncapi", help="print the AsyncAPI document of the event contract")
     p.add_argument("--out")

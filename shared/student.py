@@ -43,22 +43,22 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
 _TINY_VOCAB_SIZE = 512
 _TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _TINY_RECIPE_VERSION = 1
-#: Words the tiny tokenizer learns as whole tokens (at a line start and after a space): common chat and
-#: support-ticket words, so the tiny model can learn the test tasks (e.g. ticket triage) from few rows.
+#: Words the tiny tokenizer learns as whole tokens (at a line start and after a space), so the tiny model can
+#: learn the test tasks (the ticket triage task's queues and keywords) from few rows.
 _TINY_WORDS = (
-    "the a an is are to of and or with my for in on it this that what please thanks hello hi hey dear team "
-    "urgent regards cheers asap help need problem wrong check something there answer question route ticket "
-    "queue one word only you helpful assistant system user "
     "billing invoice refund charge payment shipping parcel delivery courier tracking "
     "account password login username profile technical crash error bug freeze other"
 ).split()
 #: Fixed corpus the tiny tokenizer learns its merges from (any byte stays encodable: byte-level BPE).
 _TINY_CORPUS = [
     "Hello, there is a problem with my order. Please check it, thanks.",
+    "Hi, I need help with the account, something is wrong with the system.",
+    "Dear team, the answer is in the message. Regards, the user.",
     "Route this ticket to the right queue: billing, shipping, account or technical.",
     "You are a helpful assistant. Answer with one word only.",
     "The quick brown fox jumps over the lazy dog; 0123456789 and punctuation!?",
-    *(3 * [" ".join(_TINY_WORDS), "\n".join(_TINY_WORDS)]),
+    "system user assistant: what is the question and what is the answer?",
+    *(4 * [" ".join(_TINY_WORDS), "\n".join(_TINY_WORDS)]),
 ]
 
 

@@ -75,7 +75,7 @@ def container_servers() -> Iterator[Servers]:
         yield Servers(nats.nats_uri(), cfg["endpoint"], cfg["access_key"], cfg["secret_key"], "containers")
 
 
-@pytest.fixture(scope="session", params=["local", "containers"])
+@pytest.fixture(scope="session", params=["local", "container"])
 def servers(request: pytest.FixtureRequest) -> Servers:
     return request.getfixturevalue(f"{request.param}_servers")
 

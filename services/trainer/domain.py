@@ -144,6 +144,7 @@ def train(
     ``base_model_path``: an already resolved base model folder (default: :func:`resolve_base_model`).
     """
     import torch
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     if not examples:
@@ -210,6 +211,7 @@ def train(
         peft_config=peft_config,
         callbacks=[_progress_callback(progress, losses)],
     )
+    trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not stdout
     try:
         output = trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoint_dir))
         state = trainer.state

@@ -34,15 +34,17 @@ FIELDS = ("vendor", "invoice_number", "date", "due_date", "total", "currency")
 
 # ------------------------------------------------------------------------------------------ vocabulary
 
-_VENDOR_NAMES = (
-    "Acme|Northwind|Bluepeak|Globex|Initech|Vandelay|Contoso|Fabrikam|Tailspin|Litware|Proseware|"
-    "Alpine|Coho|Lucerne|Wingtip|Woodgrove|Trey|Blue Yonder|Humongous|Wide World|Southridge|Redwood|"
-    "Silverline|Orion|Keystone|Harbor|Meridian|Nordlicht|Sundance|Greenfield"
-).split("|")
-_VENDOR_TRADES = (
-    "Logistics Software Supplies Consulting Print Energy Foods Systems Media Labs Office Freight "
-    "Design Hardware Cleaning"
-).split()
+# fmt: off
+_VENDOR_NAMES = [
+    "Acme", "Northwind", "Bluepeak", "Globex", "Initech", "Vandelay", "Contoso", "Fabrikam", "Tailspin",
+    "Litware", "Proseware", "Alpine", "Coho", "Lucerne", "Wingtip", "Woodgrove", "Trey", "Blue Yonder",
+    "Humongous", "Wide World", "Southridge", "Redwood", "Silverline", "Orion", "Keystone", "Harbor",
+    "Meridian", "Nordlicht", "Sundance", "Greenfield",
+]
+_VENDOR_TRADES = [
+    "Logistics", "Software", "Supplies", "Consulting", "Print", "Energy", "Foods", "Systems", "Media",
+    "Labs", "Office", "Freight", "Design", "Hardware", "Cleaning",
+]
 _VENDOR_FORMS = ["GmbH", "Ltd", "LLC", "Inc", "AG", "BV", "SAS", "AB", "Oy", "SpA", "Co"]
 
 CURRENCIES = ("USD", "EUR", "GBP", "CHF", "JPY", "CAD", "SEK")
@@ -50,7 +52,11 @@ _SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥"}
 _SYMBOL_TO_CODE = {v: k for k, v in _SYMBOLS.items()}
 _NO_DECIMALS = {"JPY"}
 
-_MONTHS = "January February March April May June July August September October November December".split()
+_MONTHS = [
+    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+    "November", "December",
+]
+# fmt: on
 _MONTH_NUMBER = {m.lower(): i + 1 for i, m in enumerate(_MONTHS)} | {
     m[:3].lower(): i + 1 for i, m in enumerate(_MONTHS)
 }

@@ -1,0 +1,142 @@
+"""The whole loop: five service processes over a real nats-server and S3 server, a tiny student, the
+simulated teacher. Round 0 trains on tickets of two queues only and fails the gate; synthetic tickets of
+every queue make a later round pass. Nothing is hard-coded: the scores come from the student's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import nats
+import pytest
+import yaml
+
+from llamaduo.contracts import Subject, parse_event
+from llamaduo.embedded import Embedded
+from llamaduo.tasks.triage import make_dataset
+
+pytestmark = pytest.mark.slow
+
+THRESHOLD = 90.0
+
+
+def triage_spec(data_path: Path) -> dict:
+    return {
+        "task": {"name": "ticket-triage", "system_prompt": "Route the ticket to one queue.",
+                 "oracle": "llamaduo.tasks.triage:oracle"},
+        "dataset": {"source": str(data_path), "seed": 0},
+        "student": {
+            "base_model": "tiny:llama", "method": "full",
+            "training": {"epochs": 8, "learning_rate": 0.003, "batch_size": 8, "max_length": 96,
+                         "warmup_fraction": 0.0, "lr_scheduler": "constant"},
+            "inference": {"max_new_tokens": 6, "batch_size": 40},
+        },
+        "judge": {"gate": "similarity_mean", "threshold": THRESHOLD, "batch_size": 10},
+        "synthesis": {"samples_per_round": 64, "seeds_per_call": 2, "examples_per_call": 8},
+        "budget": {"max_rounds": 3},
+    }
+
+
+@pytest.fixture
+def triage_data(tmp_path: Path) -> Path:
+    path = tmp_path / "triage.jsonl"
+    rows = make_dataset(n_train=4, n_test=40, seed=11, train_queues=["billing", "shipping"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def hand_made_start(migration_id: str, spec: dict, event_id: str) -> bytes:
+    """What a non-Python client would send: plain JSON following docs/schemas/migration.start."""
+    return json.dumps({
+        "event_id": event_id, "migration_id": migration_id, "round": 0, "type": "migration.start",
+        "schema_version": 1, "occurred_at": "2026-01-01T00:00:00Z", "correlation_id": event_id,
+        "causation_id": None, "payload": {"spec": spec},
+    }).encode()
+
+
+async def run_by_hand(env: Embedded, spec: dict, migration_id: str, timeout: float) -> list:
+    nc = await nats.connect(env.settings.nats_url)
+    seen: list = []
+    done = asyncio.Event()
+
+    async def on_msg(msg) -> None:
+        if msg.subject.startswith(("$", "_INBOX")):
+            return
+        seen.append((msg.subject, msg.data))
+        if msg.subject in ("migration.completed", "migration.failed"):
+            done.set()
+
+    await nc.subscribe(">", cb=on_msg)
+    js = nc.jetstream()
+    # the stream exists once a service has started; publish the same start twice with two event ids
+    for _ in range(100):
+        try:
+            await js.stream_info(env.settings.stream_name)
+            break
+        except Exception:
+            await asyncio.sleep(0.2)
+    await js.publish("migration.start", hand_made_start(migration_id, spec, "start-1"),
+                     headers={"Nats-Msg-Id": "start-1"})
+    await js.publish("migration.start", hand_made_start(migration_id, spec, "start-2"),
+                     headers={"Nats-Msg-Id": "start-2"})
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        await asyncio.sleep(0.5)
+        await nc.close()
+    return seen
+
+
+def test_full_loop_by_hand_with_plain_nats_client(tmp_path: Path, triage_data: Path) -> None:
+    spec = triage_spec(triage_data)
+    migration_id = "e2e-" + uuid.uuid4().hex[:6]
+    with Embedded(tmp_path / "install") as env:
+        started = time.monotonic()
+        seen = asyncio.run(run_by_hand(env, spec, migration_id, timeout=600))
+        elapsed = time.monotonic() - started
+        logs = {p.name: p.log_path.read_text()[-3000:] for p in env.processes if p.log_path}
+    events = [parse_event(data) for subject, data in seen if not subject.startswith("dlq.")]
+    assert all(e.migration_id == migration_id for e in events)
+    assert events[-1].type == Subject.MIGRATION_COMPLETED, (events[-1], logs)
+    types = [e.type for e in events]
+    # every event carries the documented envelope, in causal order
+    assert types[0] == Subject.MIGRATION_START
+    assert types.index(Subject.TRAIN_REQUEST) < types.index(Subject.TRAIN_DONE) < types.index(
+        Subject.INFER_DONE) < types.index(Subject.EVAL_SCORED) < types.index(Subject.SYNTH_REQUEST)
+    assert len({e.correlation_id for e in events[2:]}) == 1
+    # the second migration.start (another event id, same migration) started nothing
+    assert sum(1 for e in events if e.type == Subject.TRAIN_REQUEST and e.round == 0) == 1
+    rounds = events[-1].payload.rounds
+    assert len(rounds) >= 2, rounds
+    first, last = rounds[0], rounds[-1]
+    assert first.aggregates["similarity_mean"] < THRESHOLD and first.decision == "continue"
+    assert last.aggregates["similarity_mean"] >= THRESHOLD and last.decision == "pass"
+    assert first.synthetic_rows == 0 and last.synthetic_rows > 0
+    assert last.train_rows == first.train_rows + last.synthetic_rows
+    for r in rounds:  # every test answer judged exactly once per round
+        assert r.judged == 40 and r.failed_judgements == 0
+    print(f"e2e: {len(rounds)} rounds in {elapsed:.0f}s: "
+          + ", ".join(f"r{r.round} {r.aggregates['similarity_mean']:.1f}" for r in rounds))
+
+
+def test_cli_migrate_embedded_json(tmp_path: Path, triage_data: Path) -> None:
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(triage_spec(triage_data)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamaduo.cli", "migrate", str(spec_path), "--embedded", "--json",
+         "--data-dir", str(tmp_path / "install"), "--timeout", "600"],
+        capture_output=True, text=True, timeout=700,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["simulated_teacher"] is True
+    assert len(summary["rounds"]) >= 2
+    assert summary["rounds"][0]["decision"] == "continue" and summary["rounds"][-1]["decision"] == "pass"
+    assert summary["rounds"][-1]["training_rows"] > summary["rounds"][0]["training_rows"]
+    assert "[round 0] training" in proc.stderr
