@@ -34,7 +34,7 @@ FANOUT_MESSAGES_PER_WORKER = 12
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 async def raw_request_rtt(url: str) -> list[float]:

@@ -150,7 +150,7 @@ def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; stopping", file=sys.stderr)
         return 130
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         return _err(f"migration {migration_id} did not finish within {args.timeout}s")
     except ConnectionError as err:
         return _err(str(err))

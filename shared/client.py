@@ -5,7 +5,6 @@ Uses plain nats-py (no service code), like any other client of the published con
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -84,7 +83,7 @@ async def follow(settings: Settings, migration_id: str | None = None, *, from_st
         while True:
             try:
                 msg = await sub.next_msg(timeout=3600)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             try:
                 env = parse_event(msg.data)

@@ -24,6 +24,7 @@ def all_services_bus():  # type: ignore[no-untyped-def]
 
 
 def asyncapi_yaml() -> str:
+    import yaml
     from faststream.specification import AsyncAPI
 
     from llamaduo import __version__
@@ -31,7 +32,8 @@ def asyncapi_yaml() -> str:
     spec = AsyncAPI(all_services_bus().broker, title="LlamaDuo events", version=__version__,
                     description="Subjects, envelopes and payloads of a LlamaDuo installation "
                                 "(JetStream; optional subject prefix).")
-    return spec.to_specification().to_yaml()
+    # keys sorted: FastStream's own order depends on set iteration, and the committed file must be stable
+    return yaml.safe_dump(spec.to_specification().to_jsonable(), sort_keys=True, allow_unicode=True)
 
 
 def json_schemas() -> dict[str, str]:

@@ -52,8 +52,9 @@ class Settings(BaseSettings):
 
     @cached_property
     def stream_name(self) -> str:
-        base = "LLAMADUO"
-        return f"{self.subject_prefix.replace('.', '_').replace('-', '_').upper()}_{base}" if self.subject_prefix else base
+        if not self.subject_prefix:
+            return "LLAMADUO"
+        return f"{self.subject_prefix.replace('.', '_').replace('-', '_').upper()}_LLAMADUO"
 
     @cached_property
     def kv_bucket(self) -> str:

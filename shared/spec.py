@@ -137,6 +137,9 @@ class SynthesisSpec(_Strict):
     seeds_per_call: int = Field(default=4, ge=1)
     examples_per_call: int = Field(default=4, ge=1)
     strategy: Literal["uniform", "targeted"] = "uniform"
+    near_duplicate_threshold: float = Field(
+        default=0.9, gt=0, le=1, description="MinHash Jaccard above which two examples are near-duplicates"
+    )
     decontamination_ngram: int = Field(default=8, ge=3, description="n of the n-gram overlap test")
     decontamination_overlap: float = Field(
         default=0.5, gt=0, le=1, description="Share of a synthetic instruction's n-grams found in a test item"

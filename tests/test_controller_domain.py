@@ -58,7 +58,7 @@ def score_round(state, cause, round, sims, batches=2):
 
 
 def test_start_requests_round_zero_training_on_coverage():
-    start, state, out = begin()
+    _start, state, out = begin()
     assert kinds(out) == [Subject.TRAIN_REQUEST]
     req = out[-1]
     assert isinstance(req.payload, TrainRequest) and req.payload.rows == 4 and req.round == 0

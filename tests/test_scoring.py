@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from llamaduo.contracts import Score
 from llamaduo.scoring import aggregate, parse_json_object, score_answer, to_scale, values_match
 

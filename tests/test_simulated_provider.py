@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from llamaduo.examples import Example
 from llamaduo.providers.base import ChatMessage, CompletionRequest, ProviderError, make_provider
 from llamaduo.providers.simulated import SimulatedProvider

@@ -41,14 +41,14 @@ def test_every_bad_field_is_reported_at_once():
 
 def test_simulated_needs_oracle_and_quantized_needs_lora():
     no_oracle = {**GOOD, "task": {"name": "t"}}
-    with pytest.raises(SpecError, match="needs task.oracle"):
+    with pytest.raises(SpecError, match=r"needs task\.oracle"):
         parse_spec(no_oracle)
     with pytest.raises(SpecError, match="QLoRA"):
         parse_spec({**GOOD, "student": {"base_model": "x", "method": "full", "quantization": "4bit"}})
 
 
 def test_oracle_reference_format():
-    with pytest.raises(SpecError, match="package.module:attribute"):
+    with pytest.raises(SpecError, match=r"package\.module:attribute"):
         parse_spec({**GOOD, "task": {"name": "t", "oracle": "no_colon"}})
 
 

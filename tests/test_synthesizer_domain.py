@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 
 import pytest
+
 from llamaduo.contracts import SynthRequest
 from llamaduo.examples import Example, example_id
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError, make_provider

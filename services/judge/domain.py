@@ -19,11 +19,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ValidationError, field_validator
+
 from llamaduo.contracts import JudgeItem, Score, Usage
 from llamaduo.providers.base import ChatMessage, Completion, CompletionRequest, Provider, ProviderError
 from llamaduo.scoring import strip_code_fence
 from llamaduo.spec import JudgeSpec
-from pydantic import BaseModel, ValidationError, field_validator
 
 JUDGE_SYSTEM_PROMPT = (
     "You are a strict and fair evaluator. You compare an answer written by an AI assistant (the candidate) "

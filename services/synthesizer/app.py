@@ -31,7 +31,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         provider = make_provider(spec.teacher, spec.task)
         try:
             result = await synthesize(train, test, event.payload, spec.synthesis, provider, round=event.round,
-                                      seed=spec.dataset.seed, system_prompt=spec.task.system_prompt)
+                                      seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,
+                                      near_duplicate_threshold=spec.synthesis.near_duplicate_threshold)
         finally:
             await provider.aclose()
         dataset = await asyncio.to_thread(

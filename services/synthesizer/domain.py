@@ -26,12 +26,13 @@ from collections import Counter
 from typing import Any
 
 from datasketch import MinHash, MinHashLSH
+from pydantic import BaseModel, Field
+
 from llamaduo.contracts import SynthRequest, Usage
 from llamaduo.examples import Example, example_id
 from llamaduo.providers.base import ChatMessage, CompletionRequest, Provider, ProviderError
 from llamaduo.scoring import normalise_text, strip_code_fence, tokenize
 from llamaduo.spec import SynthesisSpec
-from pydantic import BaseModel, Field
 
 DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.9
 SHINGLE_WORDS = 3

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
 from llamaduo.examples import Example, example_id
 from llamaduo.oracle import TaskOracle, load_oracle
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError, estimate_tokens
 from llamaduo.scoring import score_answer
 from llamaduo.spec import ProviderSpec, TaskSpec
-from pydantic import ValidationError
 
 
 class SimulatedProvider(Provider):
