@@ -55,7 +55,10 @@ def load_oracle(ref: str) -> TaskOracle:
     except AttributeError:
         raise OracleError(f"task.oracle {ref!r}: module {module_name!r} has no attribute {attr!r}") from None
     if isinstance(obj, type) or (callable(obj) and not isinstance(obj, TaskOracle)):
-        obj = obj()
+        try:
+            obj = obj()
+        except TypeError as err:
+            raise OracleError(f"task.oracle {ref!r}: calling it with no arguments failed: {err}") from None
     if not isinstance(obj, TaskOracle):
         raise OracleError(f"task.oracle {ref!r}: object has no propose(seeds, n, seed) and answer(instruction)")
     return obj

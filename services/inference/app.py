@@ -27,8 +27,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             lambda: [Example.model_validate(r) for r in store.iter_jsonl(data_key(event.migration_id, "test"))])
         model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}"
         await asyncio.to_thread(store.get_dir, event.payload.adapter.key, model_dir)
-        generator = StudentGenerator()
-        await asyncio.to_thread(generator.load, spec.student, model_dir)
+        generator = await asyncio.to_thread(StudentGenerator.load, spec.student, model_dir)
         answers = await asyncio.to_thread(generator.generate, [e.instruction for e in test],
                                           spec.task.system_prompt)
         items = [JudgeItem(item_id=e.id, sample=k, instruction=e.instruction, reference=e.response,

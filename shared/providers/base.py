@@ -72,12 +72,26 @@ def estimate_tokens(text: str) -> int:
 
 
 def make_provider(spec: ProviderSpec, task: TaskSpec) -> Provider:
-    """Build the provider named by ``spec.provider``."""
+    """Build the provider named by ``spec.provider``.
+
+    ``simulated``: the task oracle; ``openai`` / ``openai-compatible``: Chat Completions through the
+    ``openai`` client; ``gemini``: the ``google-genai`` client. Raise :class:`ProviderError` when a network
+    provider cannot be built (e.g. its API key is not set).
+    """
     if spec.provider == "simulated":
         from llamaduo.providers.simulated import SimulatedProvider
 
         return SimulatedProvider(spec, task)
+    if spec.provider in ("openai", "openai-compatible"):
+        from llamaduo.providers.openai_provider import OpenAIProvider
+
+        return OpenAIProvider(spec, task)
+    if spec.provider == "gemini":
+        from llamaduo.providers.gemini_provider import GeminiProvider
+
+        return GeminiProvider(spec, task)
     raise NotImplementedError(
-        f"provider {spec.provider!r} is not available yet in this build; use 'simulated' "
-        "(network providers: see the open service-LLM issue)"
+        f"provider {spec.provider!r} is not available in this build; to use a model served on this machine, "
+        "run an OpenAI-compatible server (vLLM, llama.cpp, Ollama) and use provider 'openai-compatible' "
+        "with its base_url"
     )

@@ -265,10 +265,7 @@ def random_invoice(rng: random.Random, currencies: list[str] | None = None) -> I
     date = dt.date(2023, 1, 1) + dt.timedelta(days=rng.randrange(3 * 365))
     due = date + dt.timedelta(days=rng.choice([7, 14, 30, 45, 60])) if rng.random() < 0.6 else None
     currency = rng.choice(currencies or list(CURRENCIES))
-    if currency in _NO_DECIMALS:
-        total = float(rng.randint(2_000, 2_000_000))
-    else:
-        total = round(rng.uniform(20, 20_000), 2)
+    total = float(rng.randint(2000, 2000000)) if currency in _NO_DECIMALS else round(rng.uniform(20, 20000), 2)
     return Invoice(
         vendor=random_vendor(rng),
         invoice_number=random_invoice_number(rng, date.year),

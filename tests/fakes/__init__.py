@@ -1,0 +1,1 @@
+"""Test doubles: local fake service-LLM servers (see llm_servers)."""
