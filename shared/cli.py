@@ -101,8 +101,19 @@ def _describe(env: Any) -> str:
     return str(t)
 
 
+async def _watch_processes(embedded: Any) -> None:
+    """Embedded mode: a service that dies ends the run with its log, instead of a silent wait."""
+    while True:
+        for p in embedded.processes:
+            if p.proc.poll() is not None:
+                tail = p.log_path.read_text()[-2000:] if p.log_path else ""
+                raise RuntimeError(f"service {p.name} exited with code {p.proc.returncode}; "
+                                   f"log {p.log_path}:\n{tail}")
+        await asyncio.sleep(1.0)
+
+
 async def _run_migration(settings: Any, spec: Any, migration_id: str, log: Any,
-                         timeout: float | None) -> dict[str, Any]:
+                         timeout: float | None, embedded: Any = None) -> dict[str, Any]:
     from llamaduo.client import TERMINAL, follow, publish_start, upload_dataset
     from llamaduo.store import ArtifactStore
 
@@ -118,7 +129,18 @@ async def _run_migration(settings: Any, spec: Any, migration_id: str, log: Any,
             if env.type in TERMINAL:
                 final = env
 
-    await asyncio.wait_for(watch(), timeout)
+    tasks = [asyncio.ensure_future(watch())]
+    if embedded is not None:
+        tasks.append(asyncio.ensure_future(_watch_processes(embedded)))
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError
+        for t in done:
+            t.result()
+    finally:
+        for t in tasks:
+            t.cancel()
     return _summary(migration_id, final)
 
 
@@ -146,13 +168,13 @@ def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
             settings = _settings()
         print(f"migration {migration_id}: task {spec.task.name!r}, student {spec.student.base_model}, "
               f"teacher {spec.teacher.provider}", file=log, flush=True)
-        summary = asyncio.run(_run_migration(settings, spec, migration_id, log, args.timeout))
+        summary = asyncio.run(_run_migration(settings, spec, migration_id, log, args.timeout, embedded))
     except KeyboardInterrupt:
         print("interrupted; stopping", file=sys.stderr)
         return 130
     except TimeoutError:
         return _err(f"migration {migration_id} did not finish within {args.timeout}s")
-    except ConnectionError as err:
+    except (ConnectionError, RuntimeError) as err:
         return _err(str(err))
     finally:
         if embedded:

@@ -70,14 +70,15 @@ class ArtifactStore:
         )
 
     def ensure_bucket(self) -> None:
-        from minio.error import S3Error
+        from minio.error import InvalidResponseError, S3Error
 
         if self._client.bucket_exists(self.bucket):
             return
         try:
             self._client.make_bucket(self.bucket)
-        except S3Error as err:  # another service made it first
-            if err.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+        except (S3Error, InvalidResponseError):
+            # another service made it in the meantime (some servers answer that in a non-XML body)
+            if not self._client.bucket_exists(self.bucket):
                 raise
 
     # ---------------------------------------------------------------- single objects

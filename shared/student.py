@@ -45,7 +45,13 @@ _TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _TINY_RECIPE_VERSION = 1
 #: Words the tiny tokenizer learns as whole tokens (at a line start and after a space), so the tiny model can
 #: learn the test tasks (the ticket triage task's queues and keywords) from few rows.
-_TINY_WORDS = ["billing", "invoice", "refund", "charge", "payment", "shipping", "parcel", "delivery", "courier", "tracking", "account", "password", "login", "username", "profile", "technical", "crash", "error", "bug", "freeze", "other"]
+_TINY_WORDS = [
+    *("billing", "invoice", "refund", "charge", "payment"),
+    *("shipping", "parcel", "delivery", "courier", "tracking"),
+    *("account", "password", "login", "username", "profile"),
+    *("technical", "crash", "error", "bug", "freeze"),
+    "other",
+]
 #: Fixed corpus the tiny tokenizer learns its merges from (any byte stays encodable: byte-level BPE).
 _TINY_CORPUS = [
     "Hello, there is a problem with my order. Please check it, thanks.",

@@ -86,7 +86,12 @@ async def run_by_hand(env: Embedded, spec: dict, migration_id: str, timeout: flo
     await js.publish("migration.start", hand_made_start(migration_id, spec, "start-2"),
                      headers={"Nats-Msg-Id": "start-2"})
     try:
-        await asyncio.wait_for(done.wait(), timeout)
+        deadline = time.monotonic() + timeout
+        while not done.is_set():
+            dead = [p for p in env.processes if p.proc.poll() is not None]
+            assert not dead, f"{dead[0].name} exited: {dead[0].log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no terminal event within {timeout}s"
+            await asyncio.sleep(0.5)
     finally:
         await asyncio.sleep(0.5)
         await nc.close()
@@ -98,7 +103,7 @@ def test_full_loop_by_hand_with_plain_nats_client(tmp_path: Path, triage_data: P
     migration_id = "e2e-" + uuid.uuid4().hex[:6]
     with Embedded(tmp_path / "install") as env:
         started = time.monotonic()
-        seen = asyncio.run(run_by_hand(env, spec, migration_id, timeout=600))
+        seen = asyncio.run(run_by_hand(env, spec, migration_id, timeout=420))
         elapsed = time.monotonic() - started
         logs = {p.name: p.log_path.read_text()[-3000:] for p in env.processes if p.log_path}
     events = [parse_event(data) for subject, data in seen if not subject.startswith("dlq.")]

@@ -55,14 +55,16 @@ class StudentGenerator:
             ids.add(im_end)
         return sorted(i for i in ids if i is not None)
 
-    def _generate_batch(self, texts: list[str], sample: bool) -> list[str]:
+    def _generate_batch(self, texts: list[str], sample: bool) -> list[list[int]]:
+        """New token ids for each text, cut at the first stop token."""
         import torch
 
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        stop = self._stop_ids()
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.inference.max_new_tokens,
-            "eos_token_id": self._stop_ids(),
+            "eos_token_id": stop,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
         if sample:
@@ -71,31 +73,49 @@ class StudentGenerator:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
-        new = out[:, enc["input_ids"].shape[1] :]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        result = []
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+            result.append(row[:cut])
+        return result
 
-    def generate(self, prompts: list[str], system_prompt: str = "") -> list[list[str]]:
-        """K = ``samples_per_prompt`` answers for each prompt (greedy when temperature is 0, else seeded sampling)."""
+    def _chat_texts(self, prompts: list[str], system_prompt: str) -> list[str]:
+        return [
+            self.tokenizer.apply_chat_template(
+                prompt_messages(p, system_prompt), tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+
+    def generate_tokens(self, prompts: list[str], system_prompt: str = "") -> list[list[list[int]]]:
+        """Like :meth:`generate`, as token ids (new tokens only, up to the first stop token)."""
         import torch
 
         k = self.inference.samples_per_prompt
         sample = self.inference.temperature > 0
-        texts = [
-            self.tokenizer.apply_chat_template(prompt_messages(p, system_prompt), tokenize=False,
-                                               add_generation_prompt=True)
-            for p in prompts
-        ]
+        texts = self._chat_texts(prompts, system_prompt)
         # Greedy answers are identical across samples: generate once, repeat K times.
         jobs = [t for t in texts for _ in range(k)] if sample else texts
         if sample:
             torch.manual_seed(self.seed)
         size = self.inference.batch_size
-        flat: list[str] = []
+        flat: list[list[int]] = []
         for start in range(0, len(jobs), size):
             flat.extend(self._generate_batch(jobs[start : start + size], sample))
         if sample:
             return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
-        return [[answer] * k for answer in flat]
+        return [[ids] * k for ids in flat]
+
+    def generate(self, prompts: list[str], system_prompt: str = "") -> list[list[str]]:
+        """K = ``samples_per_prompt`` answers per prompt, stripped (greedy at temperature 0, else seeded sampling).
+
+        Prompts are chat-formatted with the student's template, left-padded and generated in batches of
+        ``inference.batch_size`` sequences.
+        """
+        return [
+            [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in samples]
+            for samples in self.generate_tokens(prompts, system_prompt)
+        ]
 
 
 def generate_answers(

@@ -24,6 +24,8 @@ from llamaduo.student import load_causal_lm, load_tokenizer, prompt_messages, re
 
 #: File in a trained student's folder describing how to load it.
 STUDENT_META_FILE = "llamaduo_student.json"
+#: With a checkpoint folder, a checkpoint is saved at most this often (a killed run loses less than this).
+CHECKPOINT_EVERY_S = 60.0
 
 
 class TrainProgressInfo(BaseModel):
@@ -82,14 +84,14 @@ def read_student_meta(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _progress_callback(progress: Callable[[TrainProgressInfo], None], losses: list[float]) -> Any:
+def _progress_callback(progress: Callable[[TrainProgressInfo], None] | None, losses: list[float]) -> Any:
     from transformers import TrainerCallback
 
     class _Progress(TrainerCallback):
         """Reports step, loss, tokens/s and ETA at every log event and at the end."""
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.start, self.start_step, self.start_tokens = time.monotonic(), state.global_step, 0
+            self.start, self.start_step = time.monotonic(), state.global_step
             self.start_tokens = state.num_input_tokens_seen
 
         def _report(self, state: Any) -> None:
@@ -120,6 +122,23 @@ def _progress_callback(progress: Callable[[TrainProgressInfo], None], losses: li
     return _Progress()
 
 
+def _checkpoint_callback(every_s: float) -> Any:
+    from transformers import TrainerCallback
+
+    class _CheckpointEvery(TrainerCallback):
+        """Asks for a checkpoint when ``every_s`` seconds have passed since the last one (or the start)."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if time.monotonic() - self.last >= every_s and state.global_step < state.max_steps:
+                control.should_save = True
+                self.last = time.monotonic()
+
+    return _CheckpointEvery()
+
+
 def _last_checkpoint(checkpoint_dir: Path | None) -> str | None:
     if checkpoint_dir is None or not checkpoint_dir.is_dir():
         return None
@@ -128,28 +147,28 @@ def _last_checkpoint(checkpoint_dir: Path | None) -> str | None:
     return get_last_checkpoint(str(checkpoint_dir))
 
 
-def train(
+def build_trainer(
     student: StudentSpec,
     examples: list[Example],
     system_prompt: str,
-    output_dir: Path,
+    work_dir: Path,
     *,
-    progress: Callable[[TrainProgressInfo], None] | None = None,
-    checkpoint_dir: Path | None = None,
     base_model_path: str | None = None,
-) -> TrainResult:
-    """Fine-tune ``student`` on ``examples`` and save it to ``output_dir``.
+    checkpoint_every_s: float | None = None,
+    callbacks: list[Any] | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Build the TRL ``SFTTrainer`` for ``student`` (CPU-safe settings when there is no CUDA).
 
-    ``checkpoint_dir``: save checkpoints there and resume from the last one present (a killed run resumes).
-    ``base_model_path``: an already resolved base model folder (default: :func:`resolve_base_model`).
+    Returns ``(trainer, tokenizer, meta)``; ``meta`` is what :func:`save_student` writes to
+    :data:`STUDENT_META_FILE`. With ``checkpoint_every_s``, checkpoints go to ``work_dir`` that often
+    (only the last one is kept).
     """
     import torch
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     if not examples:
-        raise ValueError("train() needs at least one example")
-    started = time.monotonic()
+        raise ValueError("training needs at least one example")
     cfg = student.training
     cuda = torch.cuda.is_available()
     base_path = base_model_path or resolve_base_model(student.base_model)
@@ -176,8 +195,6 @@ def train(
 
     steps_per_epoch = max(1, math.ceil(len(examples) / (cfg.batch_size * cfg.gradient_accumulation_steps)))
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    scratch = None if checkpoint_dir is not None else tempfile.TemporaryDirectory(prefix="llamaduo-train-")
-    work_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(scratch.name)  # type: ignore[union-attr]
     args = SFTConfig(
         output_dir=str(work_dir),
         num_train_epochs=cfg.epochs,
@@ -190,60 +207,95 @@ def train(
         lr_scheduler_type=cfg.lr_scheduler,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        # bf16 and gradient checkpointing make CPU training an order of magnitude slower
         bf16=cuda and torch.cuda.is_bf16_supported(),
         gradient_checkpointing=cuda,
         logging_steps=max(1, total_steps // 20),
         logging_first_step=True,
         report_to="none",
-        save_strategy="steps" if checkpoint_dir is not None else "no",
-        save_steps=max(1, total_steps // 10),
-        save_total_limit=2,
+        save_strategy="no",  # checkpoints are time-based, see _checkpoint_callback
+        save_total_limit=1,
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=cuda,
         disable_tqdm=True,
     )
-    losses: list[float] = []
+    extra_callbacks = [] if checkpoint_every_s is None else [_checkpoint_callback(checkpoint_every_s)]
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=build_dataset(examples, system_prompt),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_progress_callback(progress, losses)],
+        callbacks=[*(callbacks or []), *extra_callbacks],
     )
-    trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not stdout
-    try:
+    trainer.remove_callback(PrinterCallback)  # progress goes through callbacks, not stdout
+    meta = {
+        "method": student.method,
+        "base_model": student.base_model,
+        "base_model_path": str(base_path),
+        "quantization": student.quantization,
+        "lora": {"r": r, "alpha": alpha} if r is not None else None,
+    }
+    return trainer, tokenizer, meta
+
+
+def save_student(trainer: Any, tokenizer: Any, meta: dict[str, Any], output_dir: Path) -> None:
+    """Save the adapter (LoRA) or whole model, the tokenizer and :data:`STUDENT_META_FILE` to ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(str(output_dir))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # what inference wants
+    tokenizer.save_pretrained(str(output_dir))
+    tokenizer.padding_side = side
+    (output_dir / STUDENT_META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def train(
+    student: StudentSpec,
+    examples: list[Example],
+    system_prompt: str,
+    output_dir: Path,
+    *,
+    progress: Callable[[TrainProgressInfo], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    base_model_path: str | None = None,
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+) -> TrainResult:
+    """Fine-tune ``student`` on ``examples`` and save it to ``output_dir`` (see :func:`save_student`).
+
+    ``progress``: called with a :class:`TrainProgressInfo` at each log step (about 20 per run) and at the end.
+    ``checkpoint_dir``: save a checkpoint there every ``checkpoint_every_s`` seconds and resume from the last one
+    present (a killed run resumes instead of starting over).
+    ``base_model_path``: an already resolved base model folder (default: :func:`resolve_base_model`).
+    """
+    started = time.monotonic()
+    losses: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="llamaduo-train-") as scratch:
+        work_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(scratch)
+        trainer, tokenizer, meta = build_trainer(
+            student,
+            examples,
+            system_prompt,
+            work_dir,
+            base_model_path=base_model_path,
+            checkpoint_every_s=checkpoint_every_s if checkpoint_dir is not None else None,
+            callbacks=[_progress_callback(progress, losses)],
+        )
         output = trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoint_dir))
-        state = trainer.state
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(str(output_dir))
-        tokenizer.padding_side = "left"
-        tokenizer.save_pretrained(str(output_dir))
-        meta = {
-            "method": student.method,
-            "base_model": student.base_model,
-            "base_model_path": str(base_path),
-            "quantization": student.quantization,
-            "lora": {"r": r, "alpha": alpha} if r is not None else None,
-            "system_prompt": system_prompt,
-        }
-        (output_dir / STUDENT_META_FILE).write_text(json.dumps(meta, indent=2))
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-    seconds = time.monotonic() - started
-    train_seconds = float(output.metrics.get("train_runtime") or seconds)
+        save_student(trainer, tokenizer, meta, Path(output_dir))
+    state = trainer.state
+    runtime = float(output.metrics.get("train_runtime") or 0.0)
     return TrainResult(
         rows=len(examples),
         steps=state.global_step,
         train_loss=output.training_loss,
         final_loss=losses[-1] if losses else None,
         first_loss=losses[0] if losses else None,
-        seconds=seconds,
-        tokens_per_second=state.num_input_tokens_seen / train_seconds if train_seconds > 0 else None,
+        seconds=time.monotonic() - started,
+        tokens_per_second=state.num_input_tokens_seen / runtime if runtime > 0 else None,
         trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         method=student.method,
-        lora_r=r,
-        lora_alpha=alpha,
+        lora_r=meta["lora"]["r"] if meta["lora"] else None,
+        lora_alpha=meta["lora"]["alpha"] if meta["lora"] else None,
     )
