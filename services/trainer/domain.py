@@ -167,6 +167,9 @@ def build_trainer(
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    # newer transformers renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+    fields = SFTConfig.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     if not examples:
         raise ValueError("training needs at least one example")
     cfg = student.training
@@ -209,7 +212,7 @@ def build_trainer(
         data_seed=cfg.seed,
         # bf16 and gradient checkpointing make CPU training an order of magnitude slower
         bf16=cuda and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=cuda,
+        **{checkpointing: cuda},
         logging_steps=max(1, total_steps // 20),
         logging_first_step=True,
         report_to="none",
