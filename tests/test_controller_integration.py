@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import nats
@@ -58,10 +59,8 @@ class Recorder:
 
     async def _on(self, msg):
         self.raw.append((msg.subject, msg.data))
-        try:
+        with contextlib.suppress(Exception):
             self.events.append(parse_event(msg.data))
-        except Exception:
-            pass
 
     async def __aexit__(self, *exc):
         await self.nc.close()
