@@ -250,6 +250,18 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from llamaduo.report_html import ReportError, write_report
+    from llamaduo.store import ArtifactStore
+
+    try:
+        path = write_report(ArtifactStore(_settings()), args.id, Path(args.out or f"llamaduo-report-{args.id}"))
+    except (ReportError, ValueError) as err:
+        return _err(str(err))
+    print(path)
+    return 0
+
+
 def cmd_ping(args: argparse.Namespace) -> int:
     """Health check: NATS answers and the bucket is reachable (used by docker compose)."""
     from llamaduo.client import connect
@@ -320,6 +332,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="keep waiting for new events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("report", help="write the HTML report (with PNG charts) of a migration")
+    p.add_argument("id")
+    p.add_argument("--out", help="folder (default: ./llamaduo-report-ID)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ping", help="exit 0 when NATS and S3 answer (health check)")
     p.set_defaults(func=cmd_ping)

@@ -93,12 +93,14 @@ def _progress_callback(progress: Callable[[TrainProgressInfo], None] | None, los
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.start, self.start_step = time.monotonic(), state.global_step
             self.start_tokens = state.num_input_tokens_seen
+            self.reported = -1
 
         def _report(self, state: Any) -> None:
             elapsed = max(time.monotonic() - self.start, 1e-9)
             done = state.global_step - self.start_step
             eta = (state.max_steps - state.global_step) * elapsed / done if done else None
             tps = (state.num_input_tokens_seen - self.start_tokens) / elapsed
+            self.reported = state.global_step
             progress(
                 TrainProgressInfo(
                     step=state.global_step,
@@ -116,7 +118,7 @@ def _progress_callback(progress: Callable[[TrainProgressInfo], None] | None, los
                     self._report(state)
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if progress is not None:
+            if progress is not None and self.reported != state.global_step:
                 self._report(state)
 
     return _Progress()
