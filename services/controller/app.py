@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from llamaduo.bus import Bus, Delivery
@@ -87,6 +89,22 @@ def _prepare(store: ArtifactStore, migration_id: str, spec: Any) -> DataRefs:
     )
 
 
+def _write_html_report(store: ArtifactStore, state: MigrationState, work_dir: Path) -> None:
+    """The HTML report is for people: failing to draw it never fails the migration."""
+    from llamaduo.report_html import write_report
+
+    try:
+        with tempfile.TemporaryDirectory(dir=_mkdir(work_dir)) as tmp:
+            write_report(store, state.migration_id, Path(tmp))
+    except Exception:
+        log.exception("report not written", extra={"migration_id": state.migration_id})
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def register(bus: Bus, store: ArtifactStore) -> None:
     states = StateStore(bus)
     locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -101,6 +119,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             for out in outputs:
                 await bus.emit(out)
             await asyncio.to_thread(write_manifest, store, state)
+            if state.done:
+                await asyncio.to_thread(_write_html_report, store, state, bus.settings.work_dir)
             await states.save(state, rev)
 
     @bus.consumer(Subject.MIGRATION_START, "controller-start", CONTROL)

@@ -29,6 +29,7 @@ from llamaduo.contracts import (
 )
 from llamaduo.scoring import aggregate
 from llamaduo.spec import MigrationSpec
+from llamaduo.store import migration_key
 
 
 class RoundState(BaseModel):
@@ -171,6 +172,7 @@ def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope) -> Out
         state.stage, state.outcome = Stage.COMPLETED, "completed"
         return [cause.follow(Subject.MIGRATION_COMPLETED, MigrationCompleted(
             model=rnd.adapter or ArtifactRef(key=""), best_round=rnd.round, rounds=summaries, usage=state.usage,
+            report=ArtifactRef(key=migration_key(state.migration_id, "report", "report.html")),
         ), key="completed")]
     if decision == "stop":
         reason = "budget" if (over_tokens or over_cost) else "max_rounds"
