@@ -114,9 +114,11 @@ async def _watch_processes(embedded: Any) -> None:
 
 async def _run_migration(settings: Any, spec: Any, migration_id: str, log: Any,
                          timeout: float | None, embedded: Any = None) -> dict[str, Any]:
-    from llamaduo.client import TERMINAL, follow, publish_start, upload_dataset
+    from llamaduo.client import TERMINAL, follow, publish_start, upload_dataset, wait_ready
     from llamaduo.store import ArtifactStore
 
+    if embedded is not None:
+        await wait_ready(settings)
     store = ArtifactStore(settings)
     spec = await asyncio.to_thread(upload_dataset, store, migration_id, spec)
     await publish_start(settings, migration_id, spec)

@@ -5,6 +5,7 @@ Uses plain nats-py (no service code), like any other client of the published con
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,14 +56,43 @@ async def ensure_stream(js: Any, settings: Settings) -> None:
                                          storage=StorageType.FILE, duplicate_window=cfg.duplicate_window))
 
 
+async def wait_ready(settings: Settings, timeout: float = 120.0) -> None:
+    """Wait until the controller's start consumer exists, i.e. the installation can take a migration."""
+    nc = await connect(settings)
+    durable = f"{settings.stream_name}_controller-start"
+    try:
+        js = nc.jetstream()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                await js.consumer_info(settings.stream_name, durable)
+                return
+            except Exception:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"the controller did not come up within {timeout:.0f}s") from None
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
 async def publish_start(settings: Settings, migration_id: str, spec: MigrationSpec) -> Envelope:
+    """Publish ``migration.start``; retried briefly while the stream is being (re)declared."""
+    from nats.js.errors import NoStreamResponseError
+
     nc = await connect(settings)
     try:
         js = nc.jetstream()
         await ensure_stream(js, settings)
         env = start_envelope(migration_id, spec.model_dump(mode="json"))
-        await js.publish(settings.subject(Subject.MIGRATION_START), env.to_bytes(),
-                         headers={"Nats-Msg-Id": env.event_id})
+        for attempt in range(20):
+            try:
+                await js.publish(settings.subject(Subject.MIGRATION_START), env.to_bytes(),
+                                 headers={"Nats-Msg-Id": env.event_id})
+                return env
+            except NoStreamResponseError:
+                if attempt == 19:
+                    raise ConnectionError(f"no JetStream stream answers on {settings.stream_name}") from None
+                await asyncio.sleep(0.5)
         return env
     finally:
         await nc.close()
