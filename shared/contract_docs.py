@@ -45,9 +45,44 @@ def json_schemas() -> dict[str, str]:
     return out
 
 
+def spec_markdown() -> str:
+    """Every field of the migration spec, with type, default and help, from the pydantic models."""
+    from pydantic import BaseModel
+
+    from llamaduo.spec import MigrationSpec
+
+    lines = ["# Migration spec reference", "",
+             "Generated from `shared/spec.py` (`make docs`). Unknown fields are refused, naming the field.", "",
+             "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            nested = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if nested is None:
+                for arg in getattr(ann, "__args__", ()):
+                    if isinstance(arg, type) and issubclass(arg, BaseModel):
+                        nested = arg
+            if nested:
+                type_name = nested.__name__
+            elif isinstance(ann, type):
+                type_name = ann.__name__
+            else:
+                type_name = str(ann).replace("typing.", "").replace("|", "\\|")
+            default = "required" if field.is_required() else (
+                "(see below)" if nested else repr(field.get_default(call_default_factory=True)))
+            lines.append(f"| `{prefix}{name}` | {type_name} | {default} | {field.description or ''} |")
+            if nested:
+                walk(nested, f"{prefix}{name}.")
+
+    walk(MigrationSpec, "")
+    return "\n".join(lines) + "\n"
+
+
 def write_docs(docs_dir: Path) -> list[Path]:
-    written = [docs_dir / "asyncapi.yaml"]
+    written = [docs_dir / "asyncapi.yaml", docs_dir / "spec.md"]
     written[0].write_text(asyncapi_yaml())
+    written[1].write_text(spec_markdown())
     schema_dir = docs_dir / "schemas"
     schema_dir.mkdir(parents=True, exist_ok=True)
     for name, text in json_schemas().items():

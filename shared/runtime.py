@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -51,4 +52,8 @@ async def serve(name: str, settings: Settings) -> None:
 
 
 def run(name: str, settings: Settings | None = None) -> None:
+    # services log structured lines only: no progress bars from datasets / transformers / tqdm
+    for var in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     asyncio.run(serve(name, settings or Settings()))

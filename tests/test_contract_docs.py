@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from llamaduo.contract_docs import asyncapi_yaml, json_schemas
+from llamaduo.contract_docs import asyncapi_yaml, json_schemas, spec_markdown
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -27,3 +27,9 @@ def test_asyncapi_covers_every_subject_with_payload_schema():
 def test_json_schemas_are_current():
     for name, text in json_schemas().items():
         assert (DOCS / "schemas" / name).read_text() == text, f"docs/schemas/{name} is stale: run `make docs`"
+
+
+def test_spec_reference_is_current():
+    text = spec_markdown()
+    assert (DOCS / "spec.md").read_text() == text, "docs/spec.md is stale: run `make docs`"
+    assert "| `judge.threshold` | float | 90 |" in text
