@@ -258,10 +258,50 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         path = write_report(ArtifactStore(_settings()), args.id, Path(args.out or f"llamaduo-report-{args.id}"))
-    except (ReportError, ValueError) as err:
+    except ReportError as err:
         return _err(str(err))
+    except Exception as err:  # unreachable store, bad id: say which migration and why
+        return _err(f"report of migration {args.id!r} not written: {type(err).__name__}: {err}")
     print(path)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve migrated models behind an OpenAI-compatible API (``/v1/chat/completions``)."""
+    from llamaduo.serving import serve
+
+    models: dict[str, Path] = {}
+    student = system_prompt = None
+    for item in args.model or []:
+        name, _, path = item.partition("=")
+        if not path or not Path(path).is_dir():
+            return _err(f"--model {item!r}: use NAME=FOLDER with a trained model folder")
+        models[name] = Path(path)
+    for migration_id in args.migration or []:
+        try:
+            folder, spec = _fetch_model(migration_id, Path(args.cache))
+        except Exception as err:
+            return _err(f"migration {migration_id!r} has no model to serve: {type(err).__name__}: {err}")
+        models[migration_id] = folder
+        student, system_prompt = spec.student, spec.task.system_prompt
+    if not models:
+        return _err("nothing to serve: give --migration ID or --model NAME=FOLDER")
+    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(models, host=args.host, port=args.port, student=student, system_prompt=system_prompt or "")
+    return 0
+
+
+def _fetch_model(migration_id: str, cache: Path) -> tuple[Path, Any]:
+    """Download the best adapter of a finished migration (from its report) and return it with its spec."""
+    from llamaduo.spec import MigrationSpec
+    from llamaduo.store import ArtifactStore, migration_key, spec_key
+
+    store = ArtifactStore(_settings())
+    report = store.get_json(migration_key(migration_id, "report.json"))
+    if not report.get("model"):
+        raise LookupError(f"report of {migration_id} names no model (outcome {report.get('outcome')})")
+    spec = MigrationSpec.model_validate(store.get_json(spec_key(migration_id)))
+    return store.get_dir(report["model"]["key"], cache / migration_id), spec
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -339,6 +379,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--out", help="folder (default: ./llamaduo-report-ID)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="serve migrated models behind an OpenAI-compatible API")
+    p.add_argument("--migration", action="append", help="serve this migration's chosen model (repeatable)")
+    p.add_argument("--model", action="append", help="NAME=FOLDER of a trained model folder (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--cache", default=".data/served", help="where downloaded models are kept")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ping", help="exit 0 when NATS and S3 answer (health check)")
     p.set_defaults(func=cmd_ping)

@@ -181,6 +181,9 @@ class EvalScored(BaseModel):
     scores: list[Score]
     usage: Usage = Field(default_factory=Usage)
     provider: str = ""
+    budget_exhausted: bool = Field(
+        default=False, description="Some answers were not judged: a call would have exceeded the budget"
+    )
 
 
 class SynthRequest(BaseModel):
@@ -199,6 +202,9 @@ class SynthReady(BaseModel):
     seed_ids: list[str] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     provider: str = ""
+    budget_exhausted: bool = Field(
+        default=False, description="Calls were not made because they would have exceeded the budget"
+    )
 
 
 class RoundSummary(BaseModel):
@@ -210,9 +216,17 @@ class RoundSummary(BaseModel):
     aggregates: dict[str, float] = Field(default_factory=dict)
     judged: int = 0
     failed_judgements: int = 0
+    to_judge: int = Field(default=0, description="Answers the round produced for judging (prompts x K)")
     gate_metric: str = ""
     threshold: float = 0.0
     decision: Literal["pass", "continue", "stop"] | None = None
+    early_stopped: bool = Field(
+        default=False, description="Judging closed before every answer was judged (sequential early stopping)"
+    )
+    gate_interval: tuple[float, float] | None = Field(
+        default=None, description="Confidence interval [low, high] of the gate over the whole round, if early"
+    )
+    confidence: float | None = Field(default=None, description="Confidence of gate_interval")
     usage: Usage = Field(default_factory=Usage)
 
 

@@ -130,6 +130,15 @@ class JudgeSpec(_Strict):
     max_attempts: int = Field(default=3, ge=1, description="Re-asks for an answer that fails validation")
     gate: AggregateName = "similarity_mean"
     threshold: float = Field(default=90, ge=0, le=100, description="Gate value (coverage: percent of answers)")
+    early_stopping: bool = Field(
+        default=True,
+        description="Close a round's judging as soon as the confidence interval of the gated aggregate lies "
+        "entirely above or below the threshold; the remaining batches are not judged",
+    )
+    confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="Confidence of the early-stopping interval (over all looks)"
+    )
+    min_judged: int = Field(default=10, ge=1, description="Answers judged before early stopping may decide")
 
 
 class SynthesisSpec(_Strict):
@@ -148,8 +157,14 @@ class SynthesisSpec(_Strict):
 
 class BudgetSpec(_Strict):
     max_rounds: int = Field(default=4, ge=1, description="Training rounds including round 0")
-    max_service_tokens: int | None = Field(default=None, ge=1)
-    max_cost: float | None = Field(default=None, ge=0)
+    max_service_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Service-LLM tokens (judge + teacher) for the whole migration; a call that would go "
+        "beyond is not made",
+    )
+    max_cost: float | None = Field(
+        default=None, ge=0, description="Service-LLM cost (USD) for the whole migration; enforced like tokens"
+    )
 
 
 class MigrationSpec(_Strict):

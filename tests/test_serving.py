@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -37,6 +39,17 @@ def spec(**inference: object) -> StudentSpec:
         "training": {"epochs": 4, "learning_rate": 1e-2, "batch_size": 8, "max_length": 128},
         "inference": {"max_new_tokens": MAX_TOKENS, **inference},
     })
+
+
+def http(method: str, url: str, body: bytes | dict | None = None) -> tuple[int, str, str]:
+    """``(status, content type, body text)`` of a raw request (stdlib only)."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.headers["content-type"], resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["content-type"], err.read().decode()
 
 
 def chat(prompt: str) -> list[dict[str, str]]:
@@ -119,9 +132,9 @@ def test_stream_assembles_the_same_answer(client: OpenAI, model: str) -> None:
 
 def test_stream_without_usage_ends_with_done(base_url: str) -> None:
     body = {"model": "other", "messages": chat(PROMPTS[0]), "stream": True, "max_tokens": 3}
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as resp:
-        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
-        lines = [line for line in resp.iter_lines() if line]
+    status, content_type, text = http("POST", f"{base_url}/v1/chat/completions", body)
+    assert status == 200 and content_type.startswith("text/event-stream")
+    lines = [line for line in text.splitlines() if line]
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]" and '"usage"' not in "".join(lines)
 
@@ -191,18 +204,18 @@ def test_bad_requests_are_400(client: OpenAI, base_url: str) -> None:
         (b'{"model": "triage", "messages": [{"content": "hi"}]}', "messages[0].role"),
         (b"[1, 2]", None),
     ]:
-        resp = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
-        assert resp.status_code == 400, content
-        error = resp.json()["error"]
+        status, _, text = http("POST", url, content)
+        assert status == 400, content
+        error = json.loads(text)["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
     too_long = {"model": "triage", "messages": chat("billing " * 2100), "stream": True}
-    resp = httpx.post(url, json=too_long, timeout=30)
-    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
+    status, _, text = http("POST", url, too_long)
+    assert status == 400 and json.loads(text)["error"]["code"] == "context_length_exceeded"
 
-    resp = httpx.get(f"{base_url}/v1/nothing-here", timeout=30)
-    assert resp.status_code == 404 and set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    status, _, text = http("GET", f"{base_url}/v1/nothing-here")
+    assert status == 404 and set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
 
 
 def test_concurrent_requests_get_their_own_adapter(client: OpenAI) -> None:
@@ -223,7 +236,7 @@ def test_generation_does_not_block_the_server(client: OpenAI, app, base_url: str
         with lock:
             pending = pool.submit(client.chat.completions.create, model="triage", messages=chat("hi"))
             for _ in range(3):
-                assert httpx.get(f"{base_url}/v1/models", timeout=5).status_code == 200
+                assert http("GET", f"{base_url}/v1/models")[0] == 200
             assert not pending.done()
         assert pending.result(timeout=60).choices[0].message.content is not None
 

@@ -147,10 +147,17 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         if info.step >= 5:
             raise KeyboardInterrupt("killed")
 
+    saved: list[str] = []
+
+    def on_checkpoint(folder: Path) -> None:
+        assert (folder / "trainer_state.json").is_file() and (folder / "optimizer.pt").is_file()
+        saved.append(folder.name)
+
     with pytest.raises(KeyboardInterrupt):
         train(s, rows, SYSTEM, tmp_path / "out", progress=killer, checkpoint_dir=tmp_path / "ckpt",
-              checkpoint_every_s=0)
+              checkpoint_every_s=0, on_checkpoint=on_checkpoint)
     assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-4"]
+    assert saved == [f"checkpoint-{i}" for i in range(1, 5)]  # the hook saw every checkpoint, once saved
     steps: list[int] = []
     result = train(s, rows, SYSTEM, tmp_path / "out", progress=lambda i: steps.append(i.step),
                    checkpoint_dir=tmp_path / "ckpt", checkpoint_every_s=0)

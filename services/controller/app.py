@@ -27,6 +27,7 @@ from llamaduo.contracts import (
 )
 from llamaduo.datasets import DatasetError, load_splits
 from llamaduo.report import write_manifest
+from llamaduo.sequential import judging_closed_key
 from llamaduo.spec import SpecError, parse_spec
 from llamaduo.store import ArtifactStore, data_key, spec_key
 
@@ -114,8 +115,14 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             state, rev = await states.load(event.migration_id)
             if state is None or event.event_id in state.applied:
                 return
+            closed_before = {r.round for r in state.rounds if r.judging_closed}
             outputs = apply(state)
             state.applied.append(event.event_id)
+            for rnd in state.rounds:  # judging closed with batches left: judge workers skip them
+                if rnd.judging_closed and rnd.round not in closed_before:
+                    await asyncio.to_thread(store.put_json, judging_closed_key(state.migration_id, rnd.round),
+                                            {"round": rnd.round, "decision": rnd.summary.decision
+                                             if rnd.summary else None, "cause": event.event_id})
             for out in outputs:
                 await bus.emit(out)
             await asyncio.to_thread(write_manifest, store, state)

@@ -28,6 +28,7 @@ from llamaduo.contracts import (
     Usage,
 )
 from llamaduo.scoring import aggregate
+from llamaduo.sequential import GateInterval, Verdict, sequential_decision
 from llamaduo.spec import MigrationSpec
 from llamaduo.store import migration_key
 
@@ -42,9 +43,21 @@ class RoundState(BaseModel):
     predictions: ArtifactRef | None = None
     batches: int | None = None
     scores: dict[int, list[Score]] = Field(default_factory=dict, description="Scores by judge batch")
+    to_judge: int | None = Field(default=None, description="Answers to judge (from infer.done)")
     judge_provider: str = ""
     usage: Usage = Field(default_factory=Usage)
     summary: RoundSummary | None = None
+    judging_closed: bool = Field(
+        default=False, description="Closed with batches outstanding: judges skip the rest (marker object)"
+    )
+    late_batches: list[int] = Field(
+        default_factory=list, description="Batches scored after the round closed: usage counted, scores not"
+    )
+    budget_exhausted: bool = False
+
+    @property
+    def batches_outstanding(self) -> bool:
+        return self.batches is None or len(self.scores) < self.batches
 
 
 class DataRefs(BaseModel):
@@ -129,43 +142,88 @@ def on_infer_done(state: MigrationState, event: Envelope[InferDone]) -> Outputs:
     rnd.predictions = event.payload.predictions
     rnd.batches = event.payload.batches
     total = event.payload.prompts * event.payload.samples_per_prompt
-    return [_progress(state, event, event.round, Stage.JUDGING, judged=0, to_judge=total)]
+    rnd.to_judge = total
+    if rnd.summary is not None:  # judged (and closed) before infer.done got here
+        return []
+    judged = sum(len(s) for s in rnd.scores.values())
+    return [_progress(state, event, event.round, Stage.JUDGING, judged=judged, to_judge=total)]
 
 
 def on_eval_scored(state: MigrationState, event: Envelope[EvalScored]) -> Outputs:
-    """Collect one judged batch; when the round is complete, gate it."""
+    """Collect one judged batch; gate the round when it is complete, or earlier when the sequential test
+    decides it (``judge.early_stopping``), or fail the migration when judging ran out of budget.
+
+    A batch of a round already closed (early) is not scored; its service usage still counts, once.
+    """
     rnd = state.current(event.round)
     p = event.payload
     if rnd is None or state.done or p.batch in rnd.scores:
         return []  # unknown round, finished migration, or a batch counted already
+    if rnd.summary is not None:
+        if p.batch not in rnd.late_batches:
+            rnd.late_batches.append(p.batch)
+            rnd.usage = rnd.usage + p.usage
+            state.usage = state.usage + p.usage
+        return []
     rnd.scores[p.batch] = p.scores
     rnd.batches = p.batches
     rnd.usage = rnd.usage + p.usage
     rnd.judge_provider = p.provider
+    rnd.budget_exhausted = rnd.budget_exhausted or p.budget_exhausted
     state.usage = state.usage + p.usage
     judged = sum(len(s) for s in rnd.scores.values())
-    if len(rnd.scores) < p.batches:
+    spec = state.parsed_spec
+    complete = len(rnd.scores) >= p.batches
+    verdict: Verdict | None = None
+    interval: GateInterval | None = None
+    if not complete and spec.judge.early_stopping:
+        # to_judge comes with infer.done; a batch may be scored before that arrives: then bound it
+        to_judge = rnd.to_judge if rnd.to_judge is not None else p.batches * spec.judge.batch_size
+        verdict, interval = sequential_decision(
+            _round_scores(rnd), spec.judge.gate, spec.judge.threshold, to_judge=to_judge, looks=p.batches,
+            confidence=spec.judge.confidence, min_judged=spec.judge.min_judged)
+    if verdict is not None:
+        rnd.judging_closed = True
+        return _close_round(state, rnd, event, verdict=verdict, interval=interval,
+                            budget_exhausted=rnd.budget_exhausted)
+    if rnd.budget_exhausted:
+        rnd.judging_closed = not complete
+        return _close_round(state, rnd, event, budget_exhausted=True)
+    if not complete:
         return [_progress(state, event, event.round, Stage.JUDGING, detail=f"batch {len(rnd.scores)}",
                           judged=judged)]
     return _close_round(state, rnd, event)
 
 
-def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope) -> Outputs:
+def _round_scores(rnd: RoundState) -> list[Score]:
+    return [s for batch in sorted(rnd.scores) for s in rnd.scores[batch]]
+
+
+def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope, *, verdict: Verdict | None = None,
+                 interval: GateInterval | None = None, budget_exhausted: bool = False) -> Outputs:
+    """Gate the round on its judged answers: all of them, or (``verdict``) the sequential test's decision
+    on a part, or (``budget_exhausted``) a part that the budget cut short, which fails the migration."""
     spec = state.parsed_spec
-    scores = [s for batch in sorted(rnd.scores) for s in rnd.scores[batch]]
+    scores = _round_scores(rnd)
     agg = aggregate(scores)
     value = agg.get(spec.judge.gate, 0.0)
-    passed = value >= spec.judge.threshold
+    passed = (verdict == "above") if verdict is not None else (value >= spec.judge.threshold
+                                                                and not budget_exhausted)
     budget = spec.budget
     over_tokens = budget.max_service_tokens is not None and state.usage.tokens >= budget.max_service_tokens
     over_cost = budget.max_cost is not None and state.usage.cost >= budget.max_cost
+    out_of_budget = over_tokens or over_cost or budget_exhausted
     last_round = rnd.round + 1 >= budget.max_rounds
-    decision = "pass" if passed else ("stop" if (last_round or over_tokens or over_cost) else "continue")
+    decision = "pass" if passed else ("stop" if (last_round or out_of_budget) else "continue")
+    to_judge = rnd.to_judge if rnd.to_judge is not None else len(scores)
     rnd.summary = RoundSummary(
         round=rnd.round, train_rows=rnd.train_rows, synthetic_rows=rnd.synthetic_rows, adapter=rnd.adapter,
         train_loss=rnd.train_loss, aggregates={k: float(v) for k, v in agg.items()},
         judged=int(agg.get("judged", len(scores))), failed_judgements=int(agg.get("failed", 0)),
-        gate_metric=spec.judge.gate, threshold=spec.judge.threshold, decision=decision, usage=rnd.usage,
+        to_judge=to_judge, gate_metric=spec.judge.gate, threshold=spec.judge.threshold, decision=decision,
+        early_stopped=verdict is not None,
+        gate_interval=(interval.low, interval.high) if interval is not None and verdict is not None else None,
+        confidence=spec.judge.confidence if verdict is not None else None, usage=rnd.usage,
     )
     summaries = [r.summary for r in state.rounds if r.summary]
     if passed:
@@ -175,10 +233,15 @@ def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope) -> Out
             report=ArtifactRef(key=migration_key(state.migration_id, "report", "report.html")),
         ), key="completed")]
     if decision == "stop":
-        reason = "budget" if (over_tokens or over_cost) else "max_rounds"
-        detail = (f"{spec.judge.gate} {value:.1f} < {spec.judge.threshold} after {rnd.round + 1} rounds"
-                  if reason == "max_rounds" else
-                  f"service usage {state.usage.tokens} tokens / {state.usage.cost:.4f} cost reached the budget")
+        reason = "budget" if out_of_budget else "max_rounds"
+        if reason == "max_rounds":
+            detail = f"{spec.judge.gate} {value:.1f} < {spec.judge.threshold} after {rnd.round + 1} rounds"
+        elif budget_exhausted:
+            detail = (f"judging round {rnd.round} stopped at {len(scores)}/{to_judge} answers: the next service "
+                      f"call would have exceeded the budget (spent {state.usage.tokens} tokens / "
+                      f"{state.usage.cost:.4f} cost)")
+        else:
+            detail = f"service usage {state.usage.tokens} tokens / {state.usage.cost:.4f} cost reached the budget"
         return fail(state, cause, reason, detail)
     failed_ids = sorted({s.item_id for s in scores if s.failed or (s.similarity or 0) < 50})
     nxt = rnd.round + 1
@@ -196,6 +259,11 @@ def on_synth_ready(state: MigrationState, event: Envelope[SynthReady]) -> Output
     if state.done or event.round != len(state.rounds):
         return []
     p = event.payload
+    if p.budget_exhausted:
+        state.usage = state.usage + p.usage
+        return fail(state, event, "budget", f"synthesis for round {event.round} stopped after {p.kept} examples: "
+                    f"the next teacher call would have exceeded the budget (spent {state.usage.tokens} tokens "
+                    f"/ {state.usage.cost:.4f} cost)")
     state.synthetic.append(p.dataset)
     state.used_seed_ids.extend(i for i in p.seed_ids if i not in state.used_seed_ids)
     state.usage = state.usage + p.usage
@@ -214,6 +282,9 @@ def fail(state: MigrationState, cause: Envelope, reason: str, detail: str) -> Ou
     """End the migration as failed, keeping its best model so far."""
     if state.done:
         return []
+    current = state.rounds[-1] if state.rounds else None
+    if current is not None and current.batches is not None and current.batches_outstanding:
+        current.judging_closed = True  # judges skip what is left of this round
     best = state.best_round()
     state.stage, state.outcome = Stage.FAILED, reason
     return [cause.follow(Subject.MIGRATION_FAILED, MigrationFailed(

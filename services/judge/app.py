@@ -1,14 +1,26 @@
 """Judge bus adapter: ``judge.request`` (one shared durable consumer: add workers, throughput grows)
--> service-LLM judgements -> ``eval.scored``."""
+-> service-LLM judgements -> ``eval.scored``.
+
+A batch of a round whose judging the controller closed early (marker object
+``round-N/judging-closed``, see :mod:`llamaduo.sequential`) is acknowledged without a provider call and
+without a reply. With a budget in the spec, every call goes through the migration's spend ledger
+(:mod:`llamaduo.budget`); a refused call leaves its answers unjudged and the reply says
+``budget_exhausted``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
+from llamaduo.budget import BudgetedProvider, has_limits, kv_ledger, with_budget
 from llamaduo.bus import Bus, Delivery
 from llamaduo.contracts import EvalScored, JudgeRequestEvent, Subject
 from llamaduo.providers.base import Provider, make_provider
+from llamaduo.sequential import judging_closed_key
 from llamaduo.store import ArtifactStore, SpecCache
+
+log = logging.getLogger("llamaduo.judge")
 
 JUDGING = Delivery(max_deliver=5, ack_wait=60.0, backoff=(2.0, 10.0, 30.0, 60.0))
 
@@ -16,19 +28,34 @@ JUDGING = Delivery(max_deliver=5, ack_wait=60.0, backoff=(2.0, 10.0, 30.0, 60.0)
 def register(bus: Bus, store: ArtifactStore) -> None:
     specs = SpecCache(store)
     providers: dict[str, Provider] = {}
+    closed: set[tuple[str, int]] = set()
+
+    async def judging_closed(migration_id: str, round: int) -> bool:
+        if (migration_id, round) not in closed:
+            if not await asyncio.to_thread(store.exists, judging_closed_key(migration_id, round)):
+                return False
+            closed.add((migration_id, round))
+        return True
 
     @bus.consumer(Subject.JUDGE_REQUEST, "judge", JUDGING)
     async def on_judge_request(event: JudgeRequestEvent) -> None:
-        """Score one batch of answers against the references."""
+        """Score one batch of answers against the references (skipped when the round's judging is closed)."""
         from llamaduo.services.judge.domain import judge_items
 
+        if await judging_closed(event.migration_id, event.round):
+            log.info("batch skipped: judging closed", extra={"migration_id": event.migration_id,
+                                                              "round": event.round, "batch": event.payload.batch})
+            return
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         if event.migration_id not in providers:
-            providers[event.migration_id] = make_provider(spec.judge_llm, spec.task)
+            ledger = await kv_ledger(bus, event.migration_id) if has_limits(spec.budget) else None
+            providers[event.migration_id] = with_budget(make_provider(spec.judge_llm, spec.task), spec.budget,
+                                                        ledger)
         provider = providers[event.migration_id]
         scores, usage = await judge_items(event.payload.items, provider, spec.judge,
                                           temperature=spec.judge_llm.temperature)
+        exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
         await bus.emit(event.follow(Subject.EVAL_SCORED, EvalScored(
             batch=event.payload.batch, batches=event.payload.batches, scores=scores, usage=usage,
-            provider=provider.name,
+            provider=provider.name, budget_exhausted=exhausted,
         ), key=f"scored-{event.payload.batch}"))

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError, field_validator
 
+from llamaduo.budget import BudgetExhausted
 from llamaduo.contracts import JudgeItem, Score, Usage
 from llamaduo.providers.base import ChatMessage, Completion, CompletionRequest, Provider, ProviderError
 from llamaduo.scoring import strip_code_fence
@@ -228,6 +229,10 @@ async def _ask(
             async with semaphore:
                 tally.calls += 1
                 completion = await provider.complete(request.model_copy(update={"messages": messages}))
+        except BudgetExhausted as err:  # the call was not made: it is no call, and asking again cannot help
+            tally.calls -= 1
+            errors.append(str(err))
+            break
         except ProviderError as err:
             errors.append(f"provider error: {err}")
             if not err.retryable:

@@ -1,10 +1,16 @@
 """Synthesizer bus adapter: ``synth.request`` -> new examples from train seeds, deduplicated and
-decontaminated -> dataset to S3 -> ``synth.ready``."""
+decontaminated -> dataset to S3 -> ``synth.ready``.
+
+With a budget in the spec, every teacher call goes through the migration's spend ledger
+(:mod:`llamaduo.budget`): a call that could exceed it is not made, and ``synth.ready`` says
+``budget_exhausted`` (with whatever was kept before).
+"""
 
 from __future__ import annotations
 
 import asyncio
 
+from llamaduo.budget import BudgetedProvider, has_limits, kv_ledger, with_budget
 from llamaduo.bus import Bus, Delivery
 from llamaduo.contracts import Subject, SynthReady, SynthRequestEvent
 from llamaduo.examples import Example
@@ -28,16 +34,21 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         train = await asyncio.to_thread(load, event.migration_id, "train")
         test = await asyncio.to_thread(load, event.migration_id, "test")
-        provider = make_provider(spec.teacher, spec.task)
+        ledger = await kv_ledger(bus, event.migration_id) if has_limits(spec.budget) else None
+        provider = with_budget(make_provider(spec.teacher, spec.task), spec.budget, ledger)
         try:
             result = await synthesize(train, test, event.payload, spec.synthesis, provider, round=event.round,
                                       seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,
                                       near_duplicate_threshold=spec.synthesis.near_duplicate_threshold)
         finally:
             await provider.aclose()
+        usage, exhausted = result.usage, False
+        if isinstance(provider, BudgetedProvider) and provider.exhausted:
+            # refused calls were never made: they are no calls (the domain counts every failed attempt)
+            usage, exhausted = usage.model_copy(update={"calls": max(0, usage.calls - provider.blocked)}), True
         dataset = await asyncio.to_thread(
             store.put_jsonl, round_key(event.migration_id, event.round, "synthetic.jsonl"), result.examples)
         await bus.emit(event.follow(Subject.SYNTH_READY, SynthReady(
             dataset=dataset, generated=result.generated, kept=result.kept, removed=result.removed,
-            seed_ids=result.seed_ids, usage=result.usage, provider=provider.name,
+            seed_ids=result.seed_ids, usage=usage, provider=provider.name, budget_exhausted=exhausted,
         ), key="ready"))

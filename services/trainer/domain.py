@@ -141,6 +141,20 @@ def _checkpoint_callback(every_s: float) -> Any:
     return _CheckpointEvery()
 
 
+def _save_hook(on_checkpoint: Callable[[Path], None]) -> Any:
+    from transformers import TrainerCallback
+
+    class _OnSave(TrainerCallback):
+        """Hands each saved checkpoint folder (``<output_dir>/checkpoint-<step>``) to ``on_checkpoint``."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                on_checkpoint(folder)
+
+    return _OnSave()
+
+
 def _last_checkpoint(checkpoint_dir: Path | None) -> str | None:
     if checkpoint_dir is None or not checkpoint_dir.is_dir():
         return None
@@ -266,12 +280,16 @@ def train(
     checkpoint_dir: Path | None = None,
     base_model_path: str | None = None,
     checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Fine-tune ``student`` on ``examples`` and save it to ``output_dir`` (see :func:`save_student`).
 
     ``progress``: called with a :class:`TrainProgressInfo` at each log step (about 20 per run) and at the end.
     ``checkpoint_dir``: save a checkpoint there every ``checkpoint_every_s`` seconds and resume from the last one
     present (a killed run resumes instead of starting over).
+    ``on_checkpoint``: with ``checkpoint_dir``, called on the training thread with each checkpoint folder just
+    saved (``checkpoint_dir/checkpoint-<step>``; the previous one is already deleted), e.g. to copy it off
+    the machine. It runs before training goes on, so it should be quick.
     ``base_model_path``: an already resolved base model folder (default: :func:`resolve_base_model`).
     """
     started = time.monotonic()
@@ -285,7 +303,10 @@ def train(
             work_dir,
             base_model_path=base_model_path,
             checkpoint_every_s=checkpoint_every_s if checkpoint_dir is not None else None,
-            callbacks=[_progress_callback(progress, losses)],
+            callbacks=[
+                _progress_callback(progress, losses),
+                *([_save_hook(on_checkpoint)] if on_checkpoint is not None and checkpoint_dir is not None else []),
+            ],
         )
         output = trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoint_dir))
         save_student(trainer, tokenizer, meta, Path(output_dir))
