@@ -240,7 +240,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     from llamaduo.client import follow
 
     async def run() -> None:
-        async for env in follow(_settings(), args.id, stop_at_end=not args.follow or bool(args.id)):
+        async for env in follow(_settings(), args.id, live=args.follow):
             print(env.model_dump_json() if args.json else
                   f"{env.occurred_at:%H:%M:%S} {env.migration_id} r{env.round} {env.type}: {_describe(env)}",
                   flush=True)

@@ -98,31 +98,39 @@ async def publish_start(settings: Settings, migration_id: str, spec: MigrationSp
         await nc.close()
 
 
-async def follow(settings: Settings, migration_id: str | None = None, *, from_start: bool = True,
-                 stop_at_end: bool = True) -> AsyncIterator[Envelope]:
-    """Yield the events of one migration (or all) in stream order; ends after its terminal event."""
+async def follow(settings: Settings, migration_id: str | None = None, *, live: bool = True) -> AsyncIterator[Envelope]:
+    """Yield the events of one migration (or all) in stream order.
+
+    ``live``: keep waiting for new events (ending after the migration's terminal event when an id is
+    given); otherwise stop once the events stored when the call started have been read.
+    """
     from nats.js.api import DeliverPolicy
 
     nc = await connect(settings)
     try:
         js = nc.jetstream()
         await ensure_stream(js, settings)
+        last = (await js.stream_info(settings.stream_name)).state.last_seq
+        if not live and last == 0:
+            return
         sub = await js.subscribe(settings.subject(">") if settings.subject_prefix else ">",
                                  stream=settings.stream_name, ordered_consumer=True,
-                                 deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW)
+                                 deliver_policy=DeliverPolicy.ALL)
         while True:
             try:
                 msg = await sub.next_msg(timeout=3600)
             except TimeoutError:
                 continue
+            caught_up = msg.metadata.sequence.stream >= last
             try:
                 env = parse_event(msg.data)
             except Exception:
-                continue  # dead letters and foreign messages are not migration events
-            if migration_id and env.migration_id != migration_id:
-                continue
-            yield env
-            if stop_at_end and migration_id and env.type in TERMINAL:
+                env = None  # dead letters and foreign messages are not migration events
+            if env is not None and (not migration_id or env.migration_id == migration_id):
+                yield env
+                if live and migration_id and env.type in TERMINAL:
+                    return
+            if not live and caught_up:
                 return
     finally:
         await nc.close()
