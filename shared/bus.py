@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from faststream import AckPolicy
@@ -196,6 +196,8 @@ class Bus:
     ) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
         """Decorator: a durable pull consumer on ``name``. Handlers sharing ``durable`` share the work."""
         full = self.settings.subject(name)
+        if self.settings.ack_wait_seconds:
+            delivery = replace(delivery, ack_wait=self.settings.ack_wait_seconds)
         durable_name = f"{self.settings.stream_name}_{durable}".replace(".", "_")
         self._policies[full] = delivery
         return self.broker.subscriber(

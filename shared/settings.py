@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(default="us-east-1", description="Set explicitly: saves a lookup some servers lack")
     s3_bucket: str = "llamaduo"
 
+    ack_wait_seconds: float | None = Field(
+        default=None, gt=0, description="Override every consumer's ack wait (how soon a dead worker's job moves)"
+    )
+
     # Local
     work_dir: Path = Field(default=Path(".data/work"), description="Scratch space for models and datasets")
     log_level: str = "INFO"

@@ -126,3 +126,25 @@ def test_state_survives_serialisation():
     score_round(state, start, 0, [100, 1, 100, 1])
     again = domain.MigrationState.model_validate_json(state.model_dump_json())
     assert again == state and again.rounds[0].scores[1][0].item_id == "i2"
+
+
+def test_a_round_scored_before_infer_done_keeps_its_stage():
+    """Judge batches can all be scored before the controller sees infer.done (separate consumers)."""
+    start, state, _ = begin()
+    domain.on_train_done(state, start.follow(Subject.TRAIN_DONE, TrainDone(adapter=ArtifactRef(key="a0"), rows=4)))
+    for b in range(2):
+        domain.on_eval_scored(state, start.follow(Subject.EVAL_SCORED, EvalScored(batch=b, batches=2, scores=[
+            Score(item_id=f"i{b}{j}", similarity=10, precision=10) for j in range(2)]), key=f"b{b}"))
+    assert state.rounds[0].summary.decision == "continue" and state.stage == Stage.SYNTHESIS
+    out = domain.on_infer_done(state, start.follow(Subject.INFER_DONE, InferDone(
+        predictions=ArtifactRef(key="p"), prompts=4, samples_per_prompt=1, batches=2)))
+    assert out == [] and state.stage == Stage.SYNTHESIS and state.rounds[0].to_judge == 4
+
+
+def test_small_rounds_are_never_early_stopped():
+    """Fewer answers than judge.min_judged: the round is gated on every answer, as before."""
+    start, state, _ = begin()
+    score_round(state, start, 0, [1, 1, 1, 1], batches=4)
+    s = state.rounds[0].summary
+    assert s.judged == 4 and not s.early_stopped and s.gate_interval is None
+    assert not state.rounds[0].judging_closed

@@ -132,8 +132,9 @@ def test_full_loop_by_hand_with_plain_nats_client(tmp_path: Path, triage_data: P
     assert last.aggregates["similarity_mean"] >= THRESHOLD and last.decision == "pass"
     assert first.synthetic_rows == 0 and last.synthetic_rows > 0
     assert last.train_rows == first.train_rows + last.synthetic_rows
-    for r in rounds:  # every test answer judged exactly once per round
-        assert r.judged == 40 and r.failed_judgements == 0
+    for r in rounds:  # every test answer judged once per round, unless sequential early stopping decided
+        assert r.failed_judgements == 0
+        assert r.judged == 40 or (r.early_stopped and 10 <= r.judged < 40), r
     print(f"e2e: {len(rounds)} rounds in {elapsed:.0f}s: "
           + ", ".join(f"r{r.round} {r.aggregates['similarity_mean']:.1f}" for r in rounds))
 
