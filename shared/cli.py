@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import tempfile
 from importlib import resources
@@ -158,6 +159,7 @@ def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
         return _err(str(err))
     log = sys.stderr if args.json else sys.stdout
     embedded = None
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a stopped CLI stops its embedded installation too
     try:
         if args.embedded:
             from llamaduo.embedded import Embedded
@@ -185,6 +187,10 @@ def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0 if summary["status"] == "completed" else 1
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -71,7 +71,8 @@ def _processes_mentioning(marker: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_embedded_installation_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_embedded_installation_cleanly(tmp_path: Path, sig: int) -> None:
     spec = write_spec(tmp_path)
     data_dir = tmp_path / "install"
     proc = subprocess.Popen([sys.executable, "-m", "llamaduo.cli", "migrate", str(spec), "--embedded",
@@ -83,7 +84,7 @@ def test_ctrl_c_stops_embedded_installation_cleanly(tmp_path: Path) -> None:
         seen += proc.stdout.readline()
     assert "training" in seen, seen
     assert _processes_mentioning(str(data_dir)), "the installation should be running"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     proc.wait(60)
     assert proc.returncode == 130
     time.sleep(0.5)
