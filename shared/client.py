@@ -34,14 +34,25 @@ def upload_dataset(store: ArtifactStore, migration_id: str, spec: MigrationSpec)
 
 
 async def connect(settings: Settings) -> Any:
+    """A nats-py connection; failure raises ``ConnectionError`` naming the server and the first cause
+    (e.g. an authorization violation), never a credential."""
     import nats
 
+    errors: list[BaseException] = []
+
+    async def record(err: BaseException) -> None:
+        errors.append(err)
+
     try:
-        return await nats.connect(**nats_connect_kwargs(settings), connect_timeout=5, max_reconnect_attempts=3,
-                                  allow_reconnect=True)
+        return await asyncio.wait_for(
+            nats.connect(**nats_connect_kwargs(settings), connect_timeout=5, max_reconnect_attempts=3,
+                         allow_reconnect=True, error_cb=record),
+            timeout=10,
+        )
     except Exception as err:  # nats-py raises several types; the message is what matters to a user
+        cause = errors[0] if errors else err
         raise ConnectionError(f"cannot connect to NATS at {settings.nats_url.split('@')[-1]}: "
-                              f"{type(err).__name__}: {err}") from None
+                              f"{type(cause).__name__}: {cause}") from None
 
 
 async def ensure_stream(js: Any, settings: Settings) -> None:

@@ -98,14 +98,26 @@ async def run_by_hand(env: Embedded, spec: dict, migration_id: str, timeout: flo
     return seen
 
 
+FAKE_SECRETS = {"OPENAI_API_KEY": "sk-test-" + "Zq7" * 10, "GEMINI_API_KEY": "AIza-fake-" + "k9" * 12,
+                "LLAMADUO_NATS_TOKEN_UNUSED": "tok-" + "x7" * 10}
+
+
 def test_full_loop_by_hand_with_plain_nats_client(tmp_path: Path, triage_data: Path) -> None:
     spec = triage_spec(triage_data)
     migration_id = "e2e-" + uuid.uuid4().hex[:6]
-    with Embedded(tmp_path / "install") as env:
+    with Embedded(tmp_path / "install", extra_env=FAKE_SECRETS) as env:
         started = time.monotonic()
         seen = asyncio.run(run_by_hand(env, spec, migration_id, timeout=420))
         elapsed = time.monotonic() - started
         logs = {p.name: p.log_path.read_text()[-3000:] for p in env.processes if p.log_path}
+        secrets = [*FAKE_SECRETS.values(), env.s3.secret_key]
+        stored = b"".join(p.read_bytes() for p in (tmp_path / "install" / "s3").rglob("*") if p.is_file()
+                          and p.suffix in (".json", ".jsonl", ".html"))
+    # no secret in any log line, event or stored artifact
+    everything = b"".join(p.read_bytes() for p in (tmp_path / "install" / "logs").glob("*.log"))
+    everything += b"".join(data for _, data in seen) + stored
+    for secret in secrets:
+        assert secret.encode() not in everything, "a secret leaked"
     # A core subscriber on '>' also sees each JetStream delivery to a pull consumer (same subject), so a
     # message arrives once per publish plus once per consumer: event_id, the idempotency key, tells them apart.
     events, ids = [], set()
