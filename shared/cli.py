@@ -40,6 +40,7 @@ def _summary(migration_id: str, final: Any | None) -> dict[str, Any]:
         "round": r.round, "training_rows": r.train_rows, "synthetic_rows": r.synthetic_rows,
         "aggregates": {k: round(v, 2) for k, v in r.aggregates.items()},
         "gate": r.gate_metric, "threshold": r.threshold, "decision": r.decision,
+        "early_stopped": r.early_stopped,
     } for r in p.rounds]
     out = {"migration_id": migration_id, "status": "completed" if hasattr(p, "model") else "failed",
            "rounds": rounds, "service_tokens": p.usage.tokens, "cost": round(p.usage.cost, 6),
@@ -57,17 +58,19 @@ def _print_table(summary: dict[str, Any], stream: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"migration {summary['migration_id']}: {summary['status']}")
-    for col in ("round", "train rows", "synthetic", "similarity", "precision", ">=50 %", ">=70 %", "gate",
+    rounds = summary["rounds"]
+    gate = f"gate: {rounds[0]['gate']} >= {rounds[0]['threshold']}" if rounds else ""
+    table = Table(title=f"migration {summary['migration_id']}: {summary['status']}", caption=gate)
+    for col in ("round", "train rows", "synthetic", "judged", "similarity", "precision", ">=50 %", ">=70 %",
                 "decision"):
         table.add_column(col, justify="right")
-    for r in summary["rounds"]:
+    for r in rounds:
         a = r["aggregates"]
         table.add_row(str(r["round"]), str(r["training_rows"]), str(r["synthetic_rows"]),
+                      f"{a.get('judged', 0):.0f}{' (early)' if r.get('early_stopped') else ''}",
                       f"{a.get('similarity_mean', 0):.1f}", f"{a.get('precision_mean', 0):.1f}",
-                      f"{a.get('coverage_50', 0):.1f}", f"{a.get('coverage_70', 0):.1f}",
-                      f"{r['gate']} >= {r['threshold']}", r["decision"] or "")
-    console = Console(file=stream)
+                      f"{a.get('coverage_50', 0):.1f}", f"{a.get('coverage_70', 0):.1f}", r["decision"] or "")
+    console = Console(file=stream, width=max(120, Console(file=stream).width))
     console.print(table)
     if summary.get("model"):
         console.print(f"model: {summary['model']}")

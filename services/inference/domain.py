@@ -99,9 +99,15 @@ class StudentGenerator:
         if sample:
             torch.manual_seed(self.seed)
         size = self.inference.batch_size
-        flat: list[list[int]] = []
+        # Batches of similar lengths waste less compute on padding; the longest go first (a batch that does
+        # not fit in memory fails at once). Results go back to the prompts' order.
+        lengths = [len(ids) for ids in self.tokenizer(jobs, add_special_tokens=False)["input_ids"]] if jobs else []
+        order = sorted(range(len(jobs)), key=lambda i: -lengths[i])
+        flat: list[list[int]] = [[] for _ in jobs]
         for start in range(0, len(jobs), size):
-            flat.extend(self._generate_batch(jobs[start : start + size], sample))
+            batch = order[start : start + size]
+            for i, ids in zip(batch, self._generate_batch([jobs[i] for i in batch], sample), strict=True):
+                flat[i] = ids
         if sample:
             return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
         return [[ids] * k for ids in flat]
