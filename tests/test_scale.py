@@ -64,7 +64,8 @@ def test_twenty_concurrent_migrations_stay_isolated(tmp_path: Path) -> None:
                        for mid, m in manifests.items()}
     assert results == dict.fromkeys(specs, "migration.completed")
     for mid, manifest in manifests.items():
-        keys = [manifest["rounds"][0]["adapter"]["key"], manifest["rounds"][0]["predictions"]["key"],
-                *(d["key"] for d in manifest["rounds"][0]["trained_on"]), *(v["key"] for v in manifest["data"].values())]
+        first = manifest["rounds"][0]
+        keys = [first["adapter"]["key"], first["predictions"]["key"], *(d["key"] for d in first["trained_on"]),
+                *(v["key"] for v in manifest["data"].values())]
         assert all(k.startswith(f"migrations/{mid}/") for k in keys), keys
         assert {p["instruction"] for p in predictions[mid]} == tests[mid], f"{mid} answered another's test set"
