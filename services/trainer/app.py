@@ -18,13 +18,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llamaduo.bus import Bus, Delivery
 from llamaduo.contracts import ArtifactRef, Subject, TrainDone, TrainProgress, TrainRequestEvent
 from llamaduo.examples import Example
 from llamaduo.spec import MigrationSpec
 from llamaduo.store import ArtifactStore, SpecCache, StoreError, round_key
+
+if TYPE_CHECKING:
+    from llamaduo.services.trainer.domain import TrainProgressInfo, TrainResult
 
 log = logging.getLogger("llamaduo.trainer")
 
@@ -188,9 +191,9 @@ def train_round(
     round: int,
     work: Path,
     *,
-    progress: Callable[[Any], None] | None = None,
+    progress: Callable[[TrainProgressInfo], None] | None = None,
     every_s: float | None = None,
-) -> tuple[Any, ArtifactRef]:
+) -> tuple[TrainResult, ArtifactRef]:
     """Train a round's student in ``work`` with checkpoints kept in S3, and upload the result.
 
     Restores the stored checkpoint when it is ahead of ``work/checkpoints``, trains (copying checkpoints to
