@@ -4,6 +4,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# torch processes share 2 cores: spinning OpenMP threads slow everything down (measured ~10x)
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup demo test bench lint docs clean
 

@@ -55,5 +55,7 @@ def run(name: str, settings: Settings | None = None) -> None:
     # services log structured lines only: no progress bars from datasets / transformers / tqdm
     for var in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
         os.environ.setdefault(var, "1")
+    # several torch processes share the CPUs: spinning OpenMP threads would slow them all (measured ~10x)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     asyncio.run(serve(name, settings or Settings()))

@@ -123,6 +123,11 @@ class ArtifactStore:
                 return False
             raise
 
+    def delete(self, keys: list[str]) -> None:
+        """Remove objects (absent ones are fine)."""
+        for key in keys:
+            self._client.remove_object(self.bucket, key)
+
     def list(self, prefix: str) -> list[str]:
         return [o.object_name for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)]
 

@@ -10,6 +10,7 @@ The shards are then joined into ``predictions.jsonl``, the file ``infer.done`` p
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -118,12 +119,16 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}"
         items, predictions = await asyncio.to_thread(
             predict_round, store, spec, test, event.migration_id, event.round, event.payload.adapter.key, model_dir)
+        # judged in a seeded random order: sequential early stopping assumes batches are random samples
+        order = list(items)
+        random.Random(f"{spec.dataset.seed}-{event.round}").shuffle(order)
         size = spec.judge.batch_size
-        batches = [items[i:i + size] for i in range(0, len(items), size)]
-        for b, chunk in enumerate(batches):
-            await bus.emit(event.follow(Subject.JUDGE_REQUEST,
-                                        JudgeRequest(batch=b, batches=len(batches), items=chunk), key=f"judge-{b}"))
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        # infer.done first: the controller then knows the round's size before any score arrives
         await bus.emit(event.follow(Subject.INFER_DONE, InferDone(
             predictions=predictions, prompts=len(test), samples_per_prompt=spec.student.inference.samples_per_prompt,
             batches=len(batches)), key="infer"))
+        for b, chunk in enumerate(batches):
+            await bus.emit(event.follow(Subject.JUDGE_REQUEST,
+                                        JudgeRequest(batch=b, batches=len(batches), items=chunk), key=f"judge-{b}"))
         shutil.rmtree(model_dir, ignore_errors=True)

@@ -74,12 +74,6 @@ def remote_checkpoint_step(store: ArtifactStore, prefix: str) -> int | None:
     return max(steps) if len(steps) == 1 else None
 
 
-def _delete(store: ArtifactStore, keys: list[str]) -> None:
-    # ArtifactStore has no delete yet; this is the only place that reaches past it.
-    for key in keys:
-        store._client.remove_object(store.bucket, key)
-
-
 def upload_checkpoint(store: ArtifactStore, prefix: str, staged: Path) -> ArtifactRef:
     """Upload ``staged`` (a folder holding one ``checkpoint-<step>`` folder) to ``prefix``, then drop the
     previous checkpoint's objects. Object names carry the step, so until the new index is written the old
@@ -87,7 +81,7 @@ def upload_checkpoint(store: ArtifactStore, prefix: str, staged: Path) -> Artifa
     before = set(store.list(f"{prefix}/"))
     ref = store.put_dir(prefix, staged)
     keep = {f"{prefix}/{p.relative_to(staged).as_posix()}" for p in staged.rglob("*") if p.is_file()}
-    _delete(store, sorted(before - keep - {f"{prefix}/{_INDEX}"}))
+    store.delete(sorted(before - keep - {f"{prefix}/{_INDEX}"}))
     return ref
 
 
@@ -95,7 +89,7 @@ def forget_checkpoints(store: ArtifactStore, prefix: str) -> None:
     """Remove the stored checkpoint under ``prefix`` (index first, so no reader takes a partial folder)."""
     keys = store.list(f"{prefix}/")
     index = f"{prefix}/{_INDEX}"
-    _delete(store, [k for k in keys if k == index] + [k for k in keys if k != index])
+    store.delete([k for k in keys if k == index] + [k for k in keys if k != index])
 
 
 def restore_checkpoint(store: ArtifactStore, prefix: str, checkpoint_dir: Path) -> int | None:
