@@ -92,6 +92,19 @@ def settings(servers: Servers, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
+def triage_data(tmp_path: Path) -> Path:
+    """The loop's test dataset: 4 train tickets of two queues only, 40 test tickets of all four."""
+    import json
+
+    from llamaduo.tasks.triage import make_dataset
+
+    path = tmp_path / "triage.jsonl"
+    rows = make_dataset(n_train=4, n_test=40, seed=11, train_queues=["billing", "shipping"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
 def store(settings: Settings):  # type: ignore[no-untyped-def]
     from llamaduo.store import ArtifactStore
 

@@ -19,7 +19,6 @@ import yaml
 
 from llamaduo.contracts import Subject, parse_event
 from llamaduo.embedded import Embedded
-from llamaduo.tasks.triage import make_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +40,6 @@ def triage_spec(data_path: Path) -> dict:
         "synthesis": {"samples_per_round": 128, "seeds_per_call": 2, "examples_per_call": 8},
         "budget": {"max_rounds": 3},
     }
-
-
-@pytest.fixture
-def triage_data(tmp_path: Path) -> Path:
-    path = tmp_path / "triage.jsonl"
-    rows = make_dataset(n_train=4, n_test=40, seed=11, train_queues=["billing", "shipping"])
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def hand_made_start(migration_id: str, spec: dict, event_id: str) -> bytes:

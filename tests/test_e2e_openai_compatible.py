@@ -24,7 +24,7 @@ from llamaduo.contracts import Subject
 from llamaduo.embedded import Embedded
 from llamaduo.examples import Example, example_id
 from llamaduo.spec import parse_spec
-from llamaduo.tasks.triage import make_dataset, oracle
+from llamaduo.tasks.triage import oracle
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +47,6 @@ def teacher_and_judge(rec: Recorded) -> str:
     seed = int(hashlib.sha256(user.encode()).hexdigest()[:8], 16)
     proposed = oracle.propose(seeds, int(found.group(2)), seed)
     return json.dumps({"examples": [{"instruction": t, "response": oracle.answer(t)} for t in proposed]})
-
-
-@pytest.fixture
-def triage_data(tmp_path: Path) -> Path:
-    path = tmp_path / "triage.jsonl"
-    rows = make_dataset(n_train=4, n_test=40, seed=11, train_queues=["billing", "shipping"])
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 async def run(env: Embedded, spec: dict, migration_id: str, timeout: float) -> list:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import nats
 import pytest
+from test_e2e import triage_spec
 
 from llamaduo.contracts import Subject, parse_event
 from llamaduo.embedded import Embedded
-from llamaduo.tasks.triage import make_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -26,27 +26,9 @@ TEST_ROWS = 40
 
 
 def spec(data: Path) -> dict:
-    return {
-        "task": {"name": "ticket-triage", "system_prompt": "Route the ticket to one queue.",
-                 "oracle": "llamaduo.tasks.triage:oracle"},
-        "dataset": {"source": str(data), "seed": 0},
-        "student": {
-            "base_model": "tiny:llama-wide", "method": "full",
-            "training": {"epochs": 30, "learning_rate": 0.001, "batch_size": 8, "max_length": 96},
-            "inference": {"max_new_tokens": 6, "batch_size": 8},
-        },
-        "judge": {"threshold": 90, "batch_size": 5},
-        "synthesis": {"samples_per_round": 128, "seeds_per_call": 2, "examples_per_call": 8},
-        "budget": {"max_rounds": 3},
-    }
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    path = tmp_path / "triage.jsonl"
-    rows = make_dataset(n_train=4, n_test=TEST_ROWS, seed=11, train_queues=["billing", "shipping"])
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    """The e2e migration, judged in smaller batches so that a kill lands mid-round."""
+    base = triage_spec(data)
+    return {**base, "judge": {**base["judge"], "batch_size": 5}}
 
 
 Fault = Callable[[Embedded], None]
@@ -124,7 +106,7 @@ def check_complete_and_exactly_once(events: list) -> None:
             assert r.judged == TEST_ROWS and sorted(e.payload.batch for e in batches) == list(range(len(batches)))
 
 
-def test_kill_minus_nine_of_every_worker_mid_work(tmp_path: Path, data: Path) -> None:
+def test_kill_minus_nine_of_every_worker_mid_work(tmp_path: Path, triage_data: Path) -> None:
     """One migration, four SIGKILLs: judge and controller mid-round 0, inference while answering round 1,
     trainer mid-training of round 1; each is restarted as a new process."""
     steps: list[Step] = [
@@ -134,11 +116,11 @@ def test_kill_minus_nine_of_every_worker_mid_work(tmp_path: Path, data: Path) ->
         (Subject.TRAIN_DONE, 1, restart("inference")),
     ]
     with Embedded(tmp_path / "install", extra_env={"LLAMADUO_ACK_WAIT_SECONDS": "4"}) as env:
-        events = asyncio.run(_run(env, spec(data), steps, timeout=400))
+        events = asyncio.run(_run(env, spec(triage_data), steps, timeout=400))
     check_complete_and_exactly_once(events)
 
 
-def test_nats_server_restart_mid_migration(tmp_path: Path, data: Path) -> None:
+def test_nats_server_restart_mid_migration(tmp_path: Path, triage_data: Path) -> None:
     def bounce(env: Embedded) -> None:
         assert env.nats is not None
         env.nats.stop()
@@ -146,11 +128,11 @@ def test_nats_server_restart_mid_migration(tmp_path: Path, data: Path) -> None:
         env.nats.start()  # same port, same JetStream folder
 
     with Embedded(tmp_path / "install", extra_env={"LLAMADUO_ACK_WAIT_SECONDS": "4"}) as env:
-        events = asyncio.run(_run(env, spec(data), [(Subject.TRAIN_DONE, 0, bounce)], timeout=300))
+        events = asyncio.run(_run(env, spec(triage_data), [(Subject.TRAIN_DONE, 0, bounce)], timeout=300))
     check_complete_and_exactly_once(events)
 
 
-def test_s3_outage_of_ten_seconds(tmp_path: Path, data: Path) -> None:
+def test_s3_outage_of_ten_seconds(tmp_path: Path, triage_data: Path) -> None:
     def outage(env: Embedded) -> None:
         assert env.s3 is not None
         env.s3.stop()
@@ -158,6 +140,6 @@ def test_s3_outage_of_ten_seconds(tmp_path: Path, data: Path) -> None:
         env.s3.start()
 
     with Embedded(tmp_path / "install", extra_env={"LLAMADUO_ACK_WAIT_SECONDS": "4"}) as env:
-        events = asyncio.run(_run(env, spec(data), [(Subject.SYNTH_REQUEST, 1, outage)], timeout=300))
+        events = asyncio.run(_run(env, spec(triage_data), [(Subject.SYNTH_REQUEST, 1, outage)], timeout=300))
     check_complete_and_exactly_once(events)
 
