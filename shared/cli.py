@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -80,31 +82,6 @@ def _print_table(summary: dict[str, Any], stream: Any) -> None:
         console.print("teacher: simulated (offline oracle), no service LLM was called")
 
 
-def _describe(env: Any) -> str:
-    from llamaduo.contracts import Subject
-
-    p, t = env.payload, env.type
-    if t == Subject.MIGRATION_PROGRESS:
-        extra = f" {p.judged}/{p.to_judge}" if p.to_judge else (f" judged {p.judged}" if p.judged else "")
-        return f"{p.stage}{(' ' + p.detail) if p.detail else ''}{extra}"
-    if t == Subject.TRAIN_PROGRESS:
-        loss = f" loss {p.loss:.3f}" if p.loss is not None else ""
-        return f"training step {p.step}/{p.total_steps}{loss}"
-    if t == Subject.TRAIN_DONE:
-        return f"trained on {p.rows} rows in {p.seconds:.0f}s (loss {p.train_loss})"
-    if t == Subject.INFER_DONE:
-        return f"answered {p.prompts} test prompts x{p.samples_per_prompt}"
-    if t == Subject.EVAL_SCORED:
-        return f"judged batch {p.batch + 1}/{p.batches} ({p.provider}, {p.usage.tokens} tokens)"
-    if t == Subject.SYNTH_READY:
-        return f"synthesized {p.generated}, kept {p.kept}, removed {p.removed} ({p.provider})"
-    if t == Subject.MIGRATION_COMPLETED:
-        return f"completed: model {p.model.key}"
-    if t == Subject.MIGRATION_FAILED:
-        return f"failed: {p.reason}: {p.detail}"
-    return str(t)
-
-
 async def _watch_processes(embedded: Any) -> None:
     """Embedded mode: a service that dies ends the run with its log, instead of a silent wait."""
     while True:
@@ -116,8 +93,30 @@ async def _watch_processes(embedded: Any) -> None:
         await asyncio.sleep(1.0)
 
 
+def _progress_sink(spec: Any, migration_id: str, log: Any, live: bool) -> tuple[Any, Callable[[Any], None]]:
+    """Where events go while a migration runs: a live rich view on a terminal, else one line per event.
+
+    Returns ``(context manager, update)``.
+    """
+    from rich.console import Console
+
+    from llamaduo.progress import LiveProgress, MigrationView, describe
+
+    console = Console(file=log)
+    if live and console.is_terminal:
+        view = MigrationView(migration_id, gate=spec.judge.gate, threshold=spec.judge.threshold,
+                             max_rounds=spec.budget.max_rounds)
+        progress = LiveProgress(view, console)
+        return progress, progress.update
+
+    def line(env: Any) -> None:
+        print(f"[round {env.round}] {describe(env)}", file=log, flush=True)
+
+    return contextlib.nullcontext(), line
+
+
 async def _run_migration(settings: Any, spec: Any, migration_id: str, log: Any,
-                         timeout: float | None, embedded: Any = None) -> dict[str, Any]:
+                         timeout: float | None, embedded: Any = None, live: bool = True) -> dict[str, Any]:
     from llamaduo.client import TERMINAL, follow, publish_start, upload_dataset, wait_ready
     from llamaduo.store import ArtifactStore
 
@@ -128,12 +127,15 @@ async def _run_migration(settings: Any, spec: Any, migration_id: str, log: Any,
     await publish_start(settings, migration_id, spec)
     final = None
 
+    display, show = _progress_sink(spec, migration_id, log, live)
+
     async def watch() -> None:
         nonlocal final
-        async for env in follow(settings, migration_id):
-            print(f"[round {env.round}] {_describe(env)}", file=log, flush=True)
-            if env.type in TERMINAL:
-                final = env
+        with display:
+            async for env in follow(settings, migration_id):
+                show(env)
+                if env.type in TERMINAL:
+                    final = env
 
     tasks = [asyncio.ensure_future(watch())]
     if embedded is not None:
@@ -175,7 +177,8 @@ def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
             settings = _settings()
         print(f"migration {migration_id}: task {spec.task.name!r}, student {spec.student.base_model}, "
               f"teacher {spec.teacher.provider}", file=log, flush=True)
-        summary = asyncio.run(_run_migration(settings, spec, migration_id, log, args.timeout, embedded))
+        summary = asyncio.run(_run_migration(settings, spec, migration_id, log, args.timeout, embedded,
+                                             live=not args.no_live))
     except KeyboardInterrupt:
         print("interrupted; stopping", file=sys.stderr)
         return 130
@@ -247,11 +250,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     from llamaduo.client import follow
+    from llamaduo.progress import describe
 
     async def run() -> None:
         async for env in follow(_settings(), args.id, live=args.follow):
             print(env.model_dump_json() if args.json else
-                  f"{env.occurred_at:%H:%M:%S} {env.migration_id} r{env.round} {env.type}: {_describe(env)}",
+                  f"{env.occurred_at:%H:%M:%S} {env.migration_id} r{env.round} {env.type}: {describe(env)}",
                   flush=True)
 
     try:
@@ -354,6 +358,8 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
         p.add_argument("--data-dir", help="embedded mode: where servers keep their data (default: temp)")
         p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+        p.add_argument("--no-live", action="store_true",
+                       help="one line per event instead of the live view (the default when not on a terminal)")
 
     p = sub.add_parser("migrate", help="run a migration from a spec file")
     p.add_argument("spec")
