@@ -9,10 +9,22 @@ raised) and keeps only examples that pass the filters, each removal counted by r
 * ``duplicate``: the normalised instruction equals a train instruction, an earlier kept one or one earlier
   in the same batch;
 * ``contaminated``: at least ``spec.decontamination_overlap`` of the instruction's word n-grams
-  (``n = spec.decontamination_ngram``; shorter texts use their whole token sequence) occur in the test set;
+  (``n = spec.decontamination_ngram``; shorter texts use their whole token sequence) occur in the test set,
+  or (when ``spec.embedding_decontamination_threshold`` is set) the sentence-embedding cosine similarity
+  to some test instruction is at or above that threshold, which catches paraphrases of test items;
 * ``near_duplicate``: MinHash-LSH estimated Jaccard similarity of word shingles to a train or kept
-  instruction at or above the threshold (default 0.9);
+  instruction at or above the threshold (default 0.9), or (when
+  ``spec.embedding_near_duplicate_threshold`` is set) the embedding cosine to a train or kept instruction
+  at or above that threshold, which catches reworded copies;
 * ``excess``: rows beyond what a call asked for.
+
+The embedding checks (:class:`EmbeddingFilter`, model in :mod:`llamaduo.embeddings`) are off by default
+(measured in ``tests/test_synthesis_embeddings.py``): on templated instructions such as the invoice demo,
+genuinely new items are as close to the test split (cosine up to about 0.95) as paraphrases of test items
+are (0.63 to 0.93), so no threshold separates them; on free-text questions a threshold of 0.5 removes
+every planted paraphrase and no off-topic question, but also most new questions on a test item's topic.
+Embeddings are computed in batches: train and test instructions once per :func:`synthesize` run, each
+call's candidate rows at once, off the event loop.
 """
 
 from __future__ import annotations
@@ -25,10 +37,12 @@ import random
 from collections import Counter
 from typing import Any
 
+import numpy as np
 from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, Field
 
 from llamaduo.contracts import SynthRequest, Usage
+from llamaduo.embeddings import SentenceEmbedder, get_embedder, max_cosine
 from llamaduo.examples import Example, example_id
 from llamaduo.providers.base import ChatMessage, CompletionRequest, Provider, ProviderError
 from llamaduo.scoring import normalise_text, strip_code_fence, tokenize
@@ -222,6 +236,73 @@ def _contains(words: list[str], part: tuple[str, ...]) -> bool:
     return any(tuple(words[i : i + k]) == part for i in range(len(words) - k + 1))
 
 
+class EmbeddingFilter:
+    """Sentence-embedding cosine similarity to the test split and to train + kept instructions.
+
+    The test and train instructions are encoded once, at construction. A candidate is *contaminated*
+    when its highest cosine to a test instruction is at or above ``decontamination_threshold``, and a
+    *near-duplicate* when its highest cosine to a train or :meth:`add`-ed instruction is at or above
+    ``near_duplicate_threshold``; a ``None`` threshold turns that check off (and skips encoding what
+    only it needs). Candidates are encoded in batches with :meth:`encode`.
+    """
+
+    def __init__(
+        self,
+        embedder: SentenceEmbedder,
+        train_instructions: list[str],
+        test_instructions: list[str],
+        decontamination_threshold: float | None,
+        near_duplicate_threshold: float | None,
+    ) -> None:
+        self.embedder = embedder
+        self.decontamination_threshold = decontamination_threshold
+        self.near_duplicate_threshold = near_duplicate_threshold
+        check_test = decontamination_threshold is not None and bool(test_instructions)
+        check_near = near_duplicate_threshold is not None
+        self._test = embedder.encode(test_instructions) if check_test else None
+        self._known: list[np.ndarray] = []
+        if check_near and train_instructions:
+            self._known.append(embedder.encode(train_instructions))
+
+    @property
+    def active(self) -> bool:
+        """Whether any check is on."""
+        return self.decontamination_threshold is not None or self.near_duplicate_threshold is not None
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit-norm embeddings of ``texts``, one batched pass."""
+        return self.embedder.encode(texts)
+
+    def test_similarity(self, vectors: np.ndarray) -> np.ndarray:
+        """Each vector's highest cosine to a test instruction (``-1`` with no test split)."""
+        if self._test is None:
+            return np.full(len(vectors), -1.0, dtype=np.float32)
+        return max_cosine(vectors, self._test)
+
+    def known_similarity(self, vectors: np.ndarray) -> np.ndarray:
+        """Each vector's highest cosine to a train or added instruction (``-1`` when there is none)."""
+        if not self._known:
+            return np.full(len(vectors), -1.0, dtype=np.float32)
+        if len(self._known) > 1:
+            self._known = [np.concatenate(self._known, axis=0)]
+        return max_cosine(vectors, self._known[0])
+
+    def is_contaminated(self, vector: np.ndarray) -> bool:
+        """True when the decontamination check is on and ``vector`` reaches its threshold."""
+        threshold = self.decontamination_threshold
+        return threshold is not None and float(self.test_similarity(vector[None, :])[0]) >= threshold
+
+    def is_near_duplicate(self, vector: np.ndarray) -> bool:
+        """True when the near-duplicate check is on and ``vector`` reaches its threshold."""
+        threshold = self.near_duplicate_threshold
+        return threshold is not None and float(self.known_similarity(vector[None, :])[0]) >= threshold
+
+    def add(self, vector: np.ndarray) -> None:
+        """Remember a kept instruction's embedding for later near-duplicate checks."""
+        if self.near_duplicate_threshold is not None:
+            self._known.append(vector[None, :])
+
+
 # ------------------------------------------------------------------------------------------ seeds
 
 
@@ -281,7 +362,12 @@ class _Filter:
     """Applies the filters in order and remembers what was kept."""
 
     def __init__(
-        self, train: list[Example], test: list[Example], spec: SynthesisSpec, threshold: float
+        self,
+        train: list[Example],
+        test: list[Example],
+        spec: SynthesisSpec,
+        threshold: float,
+        embeddings: EmbeddingFilter | None = None,
     ) -> None:
         self.seen = {text_hash(e.instruction) for e in train}
         self.near = NearDuplicateIndex(threshold)
@@ -290,34 +376,65 @@ class _Filter:
         self.decontaminator = Decontaminator(
             [e.instruction for e in test], spec.decontamination_ngram, spec.decontamination_overlap
         )
+        self.embeddings = embeddings if embeddings is not None and embeddings.active else None
         self.removed: Counter[str] = Counter()
 
-    def check(self, row: Any) -> tuple[str, str] | None:
-        """``(instruction, response)`` if the row is kept, else ``None`` (the reason is counted)."""
+    @staticmethod
+    def fields(row: Any) -> tuple[str, str] | str:
+        """The row's stripped ``(instruction, response)``, or why it is unusable (``invalid``/``empty``)."""
         if (
             not isinstance(row, dict)
             or not isinstance(row.get("instruction"), str)
             or not isinstance(row.get("response"), str)
         ):
-            self.removed["invalid"] += 1
-            return None
+            return "invalid"
         instruction, response = row["instruction"].strip(), row["response"].strip()
-        if not instruction or not response:
-            self.removed["empty"] += 1
+        return (instruction, response) if instruction and response else "empty"
+
+    def embed(self, rows: list[Any]) -> dict[str, np.ndarray]:
+        """Embeddings of the usable rows' instructions, encoded in one batch (empty when the checks are off)."""
+        if self.embeddings is None:
+            return {}
+        texts = list(dict.fromkeys(f[0] for f in map(self.fields, rows) if isinstance(f, tuple)))
+        if not texts:
+            return {}
+        return dict(zip(texts, self.embeddings.encode(texts), strict=True))
+
+    def check(self, row: Any, vectors: dict[str, np.ndarray] | None = None) -> tuple[str, str] | None:
+        """``(instruction, response)`` if the row is kept, else ``None`` (the reason is counted).
+
+        ``vectors`` maps instructions to their embeddings (from :meth:`embed`); with the embedding checks
+        on, a missing one is encoded here, alone.
+        """
+        fields = self.fields(row)
+        if isinstance(fields, str):
+            self.removed[fields] += 1
             return None
+        instruction, _ = fields
         key = text_hash(instruction)
         if key in self.seen:
             self.removed["duplicate"] += 1
             return None
         self.seen.add(key)
-        if self.decontaminator.is_contaminated(instruction):
+        emb, vector = self.embeddings, None
+        if emb is not None:
+            vector = (vectors or {}).get(instruction)
+            if vector is None:
+                vector = emb.encode([instruction])[0]
+        if self.decontaminator.is_contaminated(instruction) or (
+            emb is not None and vector is not None and emb.is_contaminated(vector)
+        ):
             self.removed["contaminated"] += 1
             return None
-        if self.near.match(instruction) is not None:
+        if self.near.match(instruction) is not None or (
+            emb is not None and vector is not None and emb.is_near_duplicate(vector)
+        ):
             self.removed["near_duplicate"] += 1
             return None
         self.near.add(f"kept:{key}", instruction)
-        return instruction, response
+        if emb is not None and vector is not None:
+            emb.add(vector)
+        return fields
 
 
 async def _call(
@@ -381,6 +498,7 @@ async def synthesize(
     *,
     near_duplicate_threshold: float = DEFAULT_NEAR_DUPLICATE_THRESHOLD,
     max_attempts: int = 3,
+    embedder: SentenceEmbedder | None = None,
 ) -> SynthResult:
     """Generate up to ``request.samples`` new examples (``spec.samples_per_round`` if that is 0).
 
@@ -390,6 +508,11 @@ async def synthesize(
     are filtered in call order, so the result is deterministic for a deterministic provider. At most
     ``3 * ceil(target / examples_per_call) + 2`` calls are made; a wave in which every call failed ends
     the round early. Never raises for provider or reply problems.
+
+    With ``spec.embedding_decontamination_threshold`` or ``spec.embedding_near_duplicate_threshold`` set,
+    the embedding checks run with ``embedder`` (default: the process-wide packaged model, see
+    :func:`llamaduo.embeddings.get_embedder`; a missing model raises
+    :class:`llamaduo.embeddings.EmbeddingModelMissing` before any call is made).
     """
     target = request.samples if request.samples > 0 else spec.samples_per_round
     rng = random.Random(seed * 1_000_003 + round)
@@ -398,7 +521,17 @@ async def synthesize(
     if spec.strategy == "targeted":
         targets = [by_id[i].instruction for i in request.failed_item_ids if i in by_id]
     pool = SeedPool(train, set(request.exclude_seed_ids), rng, targets)
-    filters = _Filter(train, test, spec, near_duplicate_threshold)
+    embeddings: EmbeddingFilter | None = None
+    if spec.embedding_decontamination_threshold is not None or spec.embedding_near_duplicate_threshold is not None:
+        embeddings = await asyncio.to_thread(
+            EmbeddingFilter,
+            embedder or get_embedder(),
+            [e.instruction for e in train],
+            [e.instruction for e in test],
+            spec.embedding_decontamination_threshold,
+            spec.embedding_near_duplicate_threshold,
+        )
+    filters = _Filter(train, test, spec, near_duplicate_threshold, embeddings)
     semaphore = asyncio.Semaphore(provider.spec.limits.max_concurrency)
     max_calls = 3 * math.ceil(target / spec.examples_per_call) + 2
     result = SynthResult()
@@ -447,11 +580,12 @@ async def synthesize(
             result.generated += len(rows)
             if len(rows) > n:
                 filters.removed["excess"] += len(rows) - n
+            vectors = await asyncio.to_thread(filters.embed, rows[:n]) if filters.embeddings else {}
             for row in rows[:n]:
                 if len(kept) >= target:
                     filters.removed["excess"] += 1
                     continue
-                checked = filters.check(row)
+                checked = filters.check(row, vectors)
                 if checked:
                     instruction, response = checked
                     kept.append(
