@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -49,6 +50,11 @@ class Delivery:
 
     def delay(self, attempt: int) -> float:
         return self.backoff[min(attempt - 1, len(self.backoff) - 1)] if self.backoff else 0.0
+
+
+class WorkReturned(Exception):
+    """Raised by a handler that stops early because its service is shutting down (SIGTERM): the message
+    goes back to JetStream at once, for another worker or the restarted service, which resumes it."""
 
 
 class PermanentError(Exception):
@@ -144,6 +150,8 @@ class Bus:
         )
         self._publishers: dict[Subject, Any] = {}
         self._policies: dict[str, Delivery] = {}
+        #: set when the service is asked to stop; long handlers check it and raise :class:`WorkReturned`
+        self.stopping = threading.Event()
         for name in PAYLOADS:
             self.publisher(name)
 
@@ -228,6 +236,11 @@ class Bus:
                 except ValidationError as err:
                     await bus.dead_letter(subject, msg.body, f"schema: {_short(err)}", attempt)
                     await msg.reject()
+                    return None
+                except WorkReturned as err:
+                    log.info("in-flight work returned for redelivery",
+                             extra={"subject": subject, "attempt": attempt, "why": str(err)})
+                    await msg.nack()
                     return None
                 except PermanentError as err:
                     await bus.dead_letter(subject, msg.body, f"permanent: {err}", attempt)

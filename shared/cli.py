@@ -280,41 +280,40 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve migrated models behind an OpenAI-compatible API (``/v1/chat/completions``)."""
-    from llamaduo.serving import serve
+    """Serve migrated models behind an OpenAI-compatible API (``/v1/chat/completions``).
+
+    A migration's model answers with its own spec's inference defaults and system prompt; ``--model`` folders
+    with those of the last migration given (or the defaults).
+    """
+    from llamaduo.serving import ModelDefaults, fetch_migration_model, migration_defaults, serve
 
     models: dict[str, Path] = {}
+    defaults: dict[str, ModelDefaults] = {}
     student = system_prompt = None
     for item in args.model or []:
         name, _, path = item.partition("=")
         if not path or not Path(path).is_dir():
             return _err(f"--model {item!r}: use NAME=FOLDER with a trained model folder")
         models[name] = Path(path)
+    store = None
     for migration_id in args.migration or []:
         try:
-            folder, spec = _fetch_model(migration_id, Path(args.cache))
+            if store is None:
+                from llamaduo.store import ArtifactStore
+
+                store = ArtifactStore(_settings())
+            folder, spec = fetch_migration_model(store, migration_id, Path(args.cache))
         except Exception as err:
             return _err(f"migration {migration_id!r} has no model to serve: {type(err).__name__}: {err}")
         models[migration_id] = folder
+        defaults[migration_id] = migration_defaults(spec)
         student, system_prompt = spec.student, spec.task.system_prompt
     if not models:
         return _err("nothing to serve: give --migration ID or --model NAME=FOLDER")
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve(models, host=args.host, port=args.port, student=student, system_prompt=system_prompt or "")
+    serve(models, host=args.host, port=args.port, student=student, system_prompt=system_prompt or "",
+          defaults=defaults)
     return 0
-
-
-def _fetch_model(migration_id: str, cache: Path) -> tuple[Path, Any]:
-    """Download the best adapter of a finished migration (from its report) and return it with its spec."""
-    from llamaduo.spec import MigrationSpec
-    from llamaduo.store import ArtifactStore, migration_key, spec_key
-
-    store = ArtifactStore(_settings())
-    report = store.get_json(migration_key(migration_id, "report.json"))
-    if not report.get("model"):
-        raise LookupError(f"report of {migration_id} names no model (outcome {report.get('outcome')})")
-    spec = MigrationSpec.model_validate(store.get_json(spec_key(migration_id)))
-    return store.get_dir(report["model"]["key"], cache / migration_id), spec
 
 
 def cmd_ping(args: argparse.Namespace) -> int:

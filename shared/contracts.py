@@ -118,6 +118,11 @@ class TrainDone(BaseModel):
     rows: int = Field(description="Training rows used")
     train_loss: float | None = None
     seconds: float = 0.0
+    merged: ArtifactRef | None = Field(
+        default=None,
+        description="Folder holding the LoRA adapter merged into its base model (a standalone model), when the "
+        "spec sets student.export_merged",
+    )
 
 
 class InferDone(BaseModel):

@@ -363,6 +363,13 @@ def _model_section(manifest: dict[str, Any], migration_id: str) -> str:
     )
 
 
+def _judge_text(manifest: dict[str, Any], spec: dict[str, Any], judge: dict[str, Any]) -> str:
+    judge_spec = spec.get("judge") or {}
+    if judge_spec.get("method") == "programmatic":
+        return f"programmatic checker {judge_spec.get('checker', 'json_fields')} (no service-LLM calls)"
+    return _provider_text(manifest, judge)
+
+
 def render_html(manifest: dict[str, Any], score_png: Path, data_png: Path) -> str:
     """The report page for ``manifest``, with both charts inlined (and linked to their files)."""
     spec = _spec(manifest)
@@ -380,7 +387,7 @@ def render_html(manifest: dict[str, Any], score_png: Path, data_png: Path) -> st
         ("Task", task),
         ("Student", _student_text(spec)),
         ("Teacher", _provider_text(manifest, teacher)),
-        ("Judge", _provider_text(manifest, judge)),
+        ("Judge", _judge_text(manifest, spec, judge)),
         ("Gate", f"{_label(gate)} ≥ {_num(threshold)}"),
         ("Rounds", f"{len(rounds)} (max {(spec.get('budget') or {}).get('max_rounds', '?')})"),
         ("Service tokens", f"{total['input_tokens'] + total['output_tokens']:,}"),

@@ -47,7 +47,8 @@ async def serve(name: str, settings: Settings) -> None:
     log.info("service started", extra={"nats": settings.nats_url.split("@")[-1], "s3": settings.s3_endpoint,
                                        "prefix": settings.subject_prefix})
     await stop.wait()
-    log.info("stopping")
+    log.info("stopping: finishing or returning in-flight work")
+    bus.stopping.set()
     await bus.broker.stop()
 
 

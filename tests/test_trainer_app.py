@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
+from llamaduo.bus import WorkReturned
 from llamaduo.contracts import JudgeItem
 from llamaduo.examples import Example
 from llamaduo.services.inference.app import predict_in_shards, predict_round, predictions_key, shard_key
@@ -133,3 +134,20 @@ def test_inference_reuses_stored_shards(store, tmp_path: Path) -> None:  # type:
 
     again, generated = predict_in_shards(store, TEST, migration, 0, no_model, 2, shard_size=2)
     assert generated == 0 and again == items
+
+
+def test_inference_stop_request_keeps_the_stored_shards(store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    migration = mid()
+    calls: list[list[str]] = []
+
+    def answer(prompts: list[str]) -> list[list[str]]:
+        calls.append(prompts)
+        return [[f"answer to {p}"] for p in prompts]
+
+    with pytest.raises(WorkReturned, match="stopped before shard 1"):
+        predict_in_shards(store, TEST, migration, 0, answer, 1, shard_size=2, should_stop=lambda: bool(calls))
+    assert len(calls) == 1 and store.exists(shard_key(migration, 0, 0))
+    assert not store.exists(shard_key(migration, 0, 1))
+    items, generated = predict_in_shards(store, TEST, migration, 0, answer, 1, shard_size=2)
+    assert generated == len(calls) - 1 == (len(TEST) + 1) // 2 - 1  # the stored shard was not redone
+    assert [i.item_id for i in items] == [e.id for e in TEST]

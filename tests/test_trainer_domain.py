@@ -13,9 +13,11 @@ import pytest
 from llamaduo.examples import Example
 from llamaduo.services.trainer.domain import (
     STUDENT_META_FILE,
+    TrainingStopped,
     TrainProgressInfo,
     build_dataset,
     build_trainer,
+    export_merged,
     lora_rank,
     read_student_meta,
     save_student,
@@ -164,3 +166,64 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert result.steps == 8
     assert min(steps) >= 5  # started after the checkpoint, not from step 1
     assert (tmp_path / "out" / STUDENT_META_FILE).is_file()
+
+
+def test_stop_request_saves_a_checkpoint_and_the_next_run_resumes(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    s = spec(training={"epochs": 4, "learning_rate": 3e-3, "batch_size": 4, "max_length": 128})
+    rows = triage_rows(8)  # 8 steps
+    seen: list[int] = []
+
+    def progress(info: TrainProgressInfo) -> None:
+        seen.append(info.step)
+
+    saved: list[str] = []
+    asked: list[int] = []
+    with pytest.raises(TrainingStopped) as stopped:  # checkpoints every hour: only the stop saves one
+        train(s, rows, SYSTEM, tmp_path / "out", progress=progress, checkpoint_dir=tmp_path / "ckpt",
+              checkpoint_every_s=3600, on_checkpoint=lambda f: saved.append(f.name),
+              should_stop=lambda: asked.append(1) or len(asked) >= 3)  # asked after every step: true at the 3rd
+    assert stopped.value.step == 3 and saved == ["checkpoint-3"]
+    assert not (tmp_path / "out" / STUDENT_META_FILE).exists()  # a stopped run saves no student
+    steps: list[int] = []
+    with caplog.at_level("INFO", logger="llamaduo.services.trainer.domain"):
+        result = train(s, rows, SYSTEM, tmp_path / "out", progress=lambda i: steps.append(i.step),
+                       checkpoint_dir=tmp_path / "ckpt", checkpoint_every_s=3600, should_stop=lambda: False)
+    assert "resuming training from checkpoint-3" in caplog.text
+    assert result.steps == 8 and min(steps) >= 4
+
+
+def test_merged_export_is_a_standalone_model_with_the_same_logits(tmp_path: Path) -> None:
+    """The merged folder loads with plain transformers (no peft, no LlamaDuo metadata) and equals base + adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llamaduo.student import load_causal_lm, resolve_base_model
+
+    s = spec(method="lora", export_merged=True, lora={"r": 4, "dropout": 0.0},
+             training={"epochs": 2, "learning_rate": 1e-2, "batch_size": 4, "max_length": 128})
+    train(s, triage_rows(8), SYSTEM, tmp_path / "adapter")
+    out = export_merged(tmp_path / "adapter", tmp_path / "merged")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
+    assert not names & {"adapter_config.json", "adapter_model.safetensors", STUDENT_META_FILE}
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.chat_template  # the student's template travels with the model
+    ids = tokenizer("Route this ticket: Hi, please check my invoice, thanks", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = load_causal_lm(resolve_base_model("tiny:llama")).eval()
+        expected = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(ids).logits
+        got = merged(ids).logits
+        plain = load_causal_lm(resolve_base_model("tiny:llama")).eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, expected)  # the adapter is in there
+
+    with pytest.raises(ValueError, match="only a LoRA adapter"):
+        full = tmp_path / "full"
+        full.mkdir()
+        (full / STUDENT_META_FILE).write_text(json.dumps({"method": "full", "base_model": "tiny:llama"}))
+        export_merged(full, tmp_path / "nope")
+    with pytest.raises(ValueError, match="export_merged needs method 'lora'"):
+        spec(method="full", export_merged=True)

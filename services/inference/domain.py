@@ -3,16 +3,91 @@
 A student folder is what :func:`llamaduo.services.trainer.domain.train` saved: a LoRA adapter (loaded on
 its base model) or a whole model, described by its ``llamaduo_student.json``. Heavy libraries are imported
 inside functions, so importing this module is fast.
+
+Two backends answer through one interface, :class:`Generator`: :class:`StudentGenerator` (transformers, any
+machine) and :class:`VLLMGenerator` (vLLM's offline engine, CUDA only, the ``vllm`` extra).
+:func:`load_generator` picks one from ``student.inference.backend`` (see :func:`choose_backend`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from llamaduo.services.trainer.domain import read_student_meta
 from llamaduo.spec import InferenceSpec, StudentSpec
 from llamaduo.student import load_causal_lm, load_tokenizer, prompt_messages, resolve_base_model
+
+#: LoRA ranks vLLM's engine can be configured for (``max_lora_rank``), smallest first.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class Generator(Protocol):
+    """A loaded student answering prompts, whatever engine runs it."""
+
+    def generate(self, prompts: list[str], system_prompt: str = "") -> list[list[str]]:
+        """K = ``samples_per_prompt`` stripped answers per prompt, in the prompts' order."""
+        ...
+
+
+class BackendUnavailableError(RuntimeError):
+    """The spec asks for an inference backend this machine cannot run."""
+
+
+def vllm_unavailable_reason() -> str | None:
+    """None when vLLM can run here, else why not (not installed, or no CUDA GPU)."""
+    if importlib.util.find_spec("vllm") is None:
+        return "the 'vllm' package is not installed (pip install 'llamaduo[vllm]')"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available (vLLM needs one)"
+    return None
+
+
+def choose_backend(inference: InferenceSpec) -> Literal["transformers", "vllm"]:
+    """The backend that runs ``inference``: ``auto`` is vLLM when it can run here, else transformers.
+
+    ``vllm`` asked for explicitly and unable to run is a :class:`BackendUnavailableError` (no silent fallback).
+    """
+    if inference.backend == "transformers":
+        return "transformers"
+    reason = vllm_unavailable_reason()
+    if reason is None:
+        return "vllm"
+    if inference.backend == "vllm":
+        raise BackendUnavailableError(
+            f"student.inference.backend is 'vllm' but vLLM cannot run here: {reason}; "
+            "use backend 'transformers' or 'auto'"
+        )
+    return "transformers"
+
+
+def load_generator(
+    student: StudentSpec, model_dir: Path, *, base_model_path: str | None = None
+) -> Generator:
+    """Load the student saved in ``model_dir`` with the backend :func:`choose_backend` picks."""
+    if choose_backend(student.inference) == "vllm":
+        return VLLMGenerator.load(student, model_dir, base_model_path=base_model_path)
+    return StudentGenerator.load(student, model_dir, base_model_path=base_model_path)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that end an answer: the tokenizer's eos and ChatML's ``<|im_end|>`` when it has one."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str, system_prompt: str = "") -> list[int]:
+    """Token ids of one prompt through the student's chat template, assistant turn opened (as in training)."""
+    text = tokenizer.apply_chat_template(prompt_messages(prompt, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class StudentGenerator:
@@ -49,11 +124,7 @@ class StudentGenerator:
         return cls(model, tokenizer, student.inference, seed=student.training.seed)
 
     def _stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return sorted(i for i in ids if i is not None)
+        return stop_token_ids(self.tokenizer)
 
     def _generate_batch(self, texts: list[str], sample: bool) -> list[list[int]]:
         """New token ids for each text, cut at the first stop token."""
@@ -124,8 +195,67 @@ class StudentGenerator:
         ]
 
 
+class VLLMGenerator:
+    """A student loaded in vLLM's offline engine (``vllm.LLM``). Build it with :meth:`load`; needs CUDA.
+
+    A LoRA student runs as a ``LoRARequest`` on its base model (``enable_lora``, ``max_lora_rank`` from the
+    adapter's config); a 4-bit base is quantized in flight with bitsandbytes, an 8-bit one is loaded unquantized.
+    Prompts are the same chat-template token ids as :class:`StudentGenerator`'s; answers are cut at the same stop
+    tokens and stripped. Greedy decoding (temperature 0) generates once and repeats the answer K times; sampling
+    asks vLLM for ``n = K`` seeded samples per prompt.
+    """
+
+    def __init__(
+        self, llm: Any, tokenizer: Any, inference: InferenceSpec, seed: int = 0, lora_request: Any | None = None
+    ) -> None:
+        self.llm, self.tokenizer, self.inference, self.seed = llm, tokenizer, inference, seed
+        self.lora_request = lora_request
+
+    @classmethod
+    def load(cls, student: StudentSpec, model_dir: Path, *, base_model_path: str | None = None) -> VLLMGenerator:
+        """Load the student saved in ``model_dir`` into a vLLM engine (see the class docstring)."""
+        from vllm import LLM
+
+        model_dir = Path(model_dir)
+        meta = read_student_meta(model_dir)
+        seed = student.training.seed
+        lora_request = None
+        if meta["method"] == "lora":
+            from vllm.lora.request import LoRARequest
+
+            rank = int(json.loads((model_dir / "adapter_config.json").read_text())["r"])
+            max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+            if max_rank is None:
+                raise BackendUnavailableError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; this one is {rank}")
+            quantization = {"quantization": "bitsandbytes"} if meta["quantization"] == "4bit" else {}
+            llm = LLM(
+                model=base_model_path or resolve_base_model(meta["base_model"]), tokenizer=str(model_dir),
+                enable_lora=True, max_lora_rank=max_rank, max_loras=1, seed=seed, **quantization,
+            )  # fmt: skip
+            lora_request = LoRARequest("student", 1, str(model_dir))
+        else:
+            llm = LLM(model=str(model_dir), seed=seed)
+        return cls(llm, load_tokenizer(model_dir), student.inference, seed=seed, lora_request=lora_request)
+
+    def generate(self, prompts: list[str], system_prompt: str = "") -> list[list[str]]:
+        """K = ``samples_per_prompt`` answers per prompt, stripped (see the class docstring)."""
+        from vllm import SamplingParams
+
+        k = self.inference.samples_per_prompt
+        sample = self.inference.temperature > 0
+        params = SamplingParams(
+            n=k if sample else 1, temperature=self.inference.temperature, top_p=1.0, top_k=-1,
+            max_tokens=self.inference.max_new_tokens, seed=self.seed if sample else None,
+            stop_token_ids=stop_token_ids(self.tokenizer), skip_special_tokens=True,
+        )  # fmt: skip
+        requests = [{"prompt_token_ids": chat_prompt_ids(self.tokenizer, p, system_prompt)} for p in prompts]
+        outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
+        answers = [[c.text.strip() for c in out.outputs] for out in outputs]
+        return answers if sample else [a * k for a in answers]
+
+
 def generate_answers(
     student: StudentSpec, model_dir: Path, prompts: list[str], system_prompt: str = ""
 ) -> list[list[str]]:
-    """Load the student in ``model_dir`` and return K answers per prompt (see :meth:`StudentGenerator.generate`)."""
-    return StudentGenerator.load(student, model_dir).generate(prompts, system_prompt)
+    """Load the student in ``model_dir`` (backend per :func:`load_generator`) and return K answers per prompt."""
+    return load_generator(student, model_dir).generate(prompts, system_prompt)

@@ -6,19 +6,27 @@ A batch of a round whose judging the controller closed early (marker object
 without a reply. With a budget in the spec, every call goes through the migration's spend ledger
 (:mod:`llamaduo.budget`); a refused call leaves its answers unjudged and the reply says
 ``budget_exhausted``.
+
+With ``judge.method: programmatic`` no provider is built: the checker named by ``judge.checker`` is
+loaded once per migration and scores the answers (no calls, zero usage). A checker that cannot be loaded
+is a permanent error: the batch is dead-lettered with the reason, and the controller fails the migration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from llamaduo.budget import BudgetedProvider, has_limits, kv_ledger, with_budget
-from llamaduo.bus import Bus, Delivery
+from llamaduo.bus import Bus, Delivery, PermanentError
 from llamaduo.contracts import EvalScored, JudgeRequestEvent, Subject
 from llamaduo.providers.base import Provider, make_provider
 from llamaduo.sequential import judging_closed_key
 from llamaduo.store import ArtifactStore, SpecCache
+
+if TYPE_CHECKING:
+    from llamaduo.services.judge.domain import Checker
 
 log = logging.getLogger("llamaduo.judge")
 
@@ -28,6 +36,7 @@ JUDGING = Delivery(max_deliver=5, ack_wait=60.0, backoff=(2.0, 10.0, 30.0, 60.0)
 def register(bus: Bus, store: ArtifactStore) -> None:
     specs = SpecCache(store)
     providers: dict[str, Provider] = {}
+    checkers: dict[str, Checker] = {}
     closed: set[tuple[str, int]] = set()
 
     async def judging_closed(migration_id: str, round: int) -> bool:
@@ -40,22 +49,33 @@ def register(bus: Bus, store: ArtifactStore) -> None:
     @bus.consumer(Subject.JUDGE_REQUEST, "judge", JUDGING)
     async def on_judge_request(event: JudgeRequestEvent) -> None:
         """Score one batch of answers against the references (skipped when the round's judging is closed)."""
-        from llamaduo.services.judge.domain import judge_items
+        from llamaduo.services.judge.domain import CheckerError, check_items, judge_items, load_checker
 
         if await judging_closed(event.migration_id, event.round):
             log.info("batch skipped: judging closed", extra={"migration_id": event.migration_id,
                                                               "round": event.round, "batch": event.payload.batch})
             return
         spec = await asyncio.to_thread(specs.get, event.migration_id)
-        if event.migration_id not in providers:
-            ledger = await kv_ledger(bus, event.migration_id) if has_limits(spec.budget) else None
-            providers[event.migration_id] = with_budget(make_provider(spec.judge_llm, spec.task), spec.budget,
-                                                        ledger)
-        provider = providers[event.migration_id]
-        scores, usage = await judge_items(event.payload.items, provider, spec.judge,
-                                          temperature=spec.judge_llm.temperature)
-        exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
+        if spec.judge.method == "programmatic":
+            if event.migration_id not in checkers:
+                try:
+                    checkers[event.migration_id] = await asyncio.to_thread(load_checker, spec.judge.checker)
+                except CheckerError as err:
+                    raise PermanentError(str(err)) from None
+            scores, usage = await check_items(event.payload.items, checkers[event.migration_id],
+                                              spec.judge.checker)
+            judged_by, exhausted = f"programmatic:{spec.judge.checker}", False
+        else:
+            if event.migration_id not in providers:
+                ledger = await kv_ledger(bus, event.migration_id) if has_limits(spec.budget) else None
+                providers[event.migration_id] = with_budget(make_provider(spec.judge_llm, spec.task),
+                                                            spec.budget, ledger)
+            provider = providers[event.migration_id]
+            scores, usage = await judge_items(event.payload.items, provider, spec.judge,
+                                              temperature=spec.judge_llm.temperature)
+            judged_by = provider.name
+            exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
         await bus.emit(event.follow(Subject.EVAL_SCORED, EvalScored(
             batch=event.payload.batch, batches=event.payload.batches, scores=scores, usage=usage,
-            provider=provider.name, budget_exhausted=exhausted,
+            provider=judged_by, budget_exhausted=exhausted,
         ), key=f"scored-{event.payload.batch}"))

@@ -7,15 +7,23 @@ answer or a failing provider; such answers come back as ``Score(failed=True, rea
 The rubric follows the LlamaDuo paper: given the instruction, the reference answer and the candidate,
 rate *similarity* and *precision* from 1 to 100 and give a reason, as JSON (structured output schema).
 Each answer is judged ``M = spec.judgements_per_answer`` times and averaged.
+
+For tasks that have a checker (``judge.method: programmatic``), :func:`check_items` scores the answers
+without a service LLM: a built-in checker (``exact``, ``normalised``, ``json_fields``, see
+:data:`CHECKERS`) or the user's function named by ``judge.checker`` (loaded by :func:`load_checker`) gives
+the same similarity / precision on the 1..100 scale, with no calls, tokens or cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
+import inspect
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +32,7 @@ from pydantic import BaseModel, ValidationError, field_validator
 from llamaduo.budget import BudgetExhausted
 from llamaduo.contracts import JudgeItem, Score, Usage
 from llamaduo.providers.base import ChatMessage, Completion, CompletionRequest, Provider, ProviderError
-from llamaduo.scoring import strip_code_fence
+from llamaduo.scoring import field_shares, normalise_text, parse_json_object, strip_code_fence, to_scale
 from llamaduo.spec import JudgeSpec
 
 JUDGE_SYSTEM_PROMPT = (
@@ -131,6 +139,12 @@ def parse_judgement(text: str) -> Judgement:
                 data = None
     if not isinstance(data, dict):
         raise JudgementError(f"not a JSON object: {text[:80]!r}")
+    return validate_judgement(data)
+
+
+def validate_judgement(data: dict[str, Any]) -> Judgement:
+    """A :class:`Judgement` from a mapping with ``similarity``, ``precision`` and optionally ``reason``;
+    raise :class:`JudgementError` naming each bad field."""
     try:
         return Judgement.model_validate(data)
     except ValidationError as err:
@@ -318,3 +332,132 @@ async def judge_items(
     results = await asyncio.gather(*(one(item, draw) for item in items for draw in range(draws)))
     scores = [_combine(item, list(results[i * draws : (i + 1) * draws])) for i, item in enumerate(items)]
     return scores, tally.usage(provider.simulated)
+
+
+# --------------------------------------------------------------------------------------------- programmatic
+
+#: A checker: ``(instruction, reference, candidate) -> result``; see :func:`as_judgement` for the results.
+Checker = Callable[[str, str, str], Any]
+
+
+class CheckerError(ValueError):
+    """A ``judge.checker`` that cannot be used, or a built-in checker that cannot score an item."""
+
+
+def check_exact(instruction: str, reference: str, candidate: str) -> dict[str, Any]:
+    """100/100 when the candidate equals the reference (surrounding whitespace ignored), else 1/1."""
+    same = candidate.strip() == reference.strip()
+    return {"similarity": 100 if same else 1, "precision": 100 if same else 1,
+            "reason": "exact match" if same else "not an exact match of the reference"}
+
+
+def check_normalised(instruction: str, reference: str, candidate: str) -> dict[str, Any]:
+    """100/100 when the texts are equal after :func:`~llamaduo.scoring.normalise_text`, else 1/1."""
+    same = normalise_text(candidate) == normalise_text(reference)
+    return {"similarity": 100 if same else 1, "precision": 100 if same else 1,
+            "reason": "normalised match" if same else "differs from the reference after normalisation"}
+
+
+def check_json_fields(instruction: str, reference: str, candidate: str) -> dict[str, Any]:
+    """JSON objects field by field (:func:`~llamaduo.scoring.field_shares`): similarity is the share of the
+    reference's fields the candidate got right, precision the share of the candidate's fields that are
+    right. A candidate that is not a JSON object scores 1/1; a reference that is not one raises
+    :class:`CheckerError` (the item cannot be checked this way)."""
+    ref = parse_json_object(reference)
+    if ref is None:
+        raise CheckerError("the reference is not a JSON object")
+    cand = parse_json_object(candidate)
+    if cand is None:
+        return {"similarity": 1, "precision": 1, "reason": "the candidate is not a JSON object"}
+    recall, precision = field_shares(ref, cand)
+    return {
+        "similarity": to_scale(recall),
+        "precision": to_scale(precision),
+        "reason": f"{round(recall * len(ref))}/{len(ref)} reference fields right, "
+        f"{round(precision * len(cand))}/{len(cand)} candidate fields right",
+    }
+
+
+#: The built-in checkers by their ``judge.checker`` name.
+CHECKERS: dict[str, Checker] = {
+    "exact": check_exact,
+    "normalised": check_normalised,
+    "json_fields": check_json_fields,
+}
+
+
+def load_checker(ref: str) -> Checker:
+    """The checker named by ``judge.checker``: a built-in name or ``package.module:function``.
+
+    A user function is imported and must accept ``(instruction, reference, candidate)``; raise
+    :class:`CheckerError` naming the spec field and what is wrong otherwise.
+    """
+    if ref in CHECKERS:
+        return CHECKERS[ref]
+    where = f"judge.checker {ref!r}"
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise CheckerError(f"{where}: must be one of {sorted(CHECKERS)} or 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise CheckerError(f"{where}: cannot import module {module_name!r}: {type(err).__name__}: {err}") from None
+    try:
+        function = getattr(module, attr)
+    except AttributeError:
+        raise CheckerError(f"{where}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(function):
+        raise CheckerError(f"{where}: {attr!r} is a {type(function).__name__}, not a function")
+    try:
+        inspect.signature(function).bind("instruction", "reference", "candidate")
+    except TypeError as err:
+        raise CheckerError(f"{where}: must accept (instruction, reference, candidate): {err}") from None
+    except ValueError:  # no signature to inspect (some built-ins): calling it will tell
+        pass
+    return function
+
+
+def as_judgement(result: Any) -> Judgement:
+    """Turn a checker's result into a :class:`Judgement`; raise :class:`JudgementError` if it is none of:
+
+    * a number (or bool) in 0..1: the share of the answer that is right, mapped to 1..100 for both scores;
+    * a pair ``(similarity, precision)`` on the 1..100 scale;
+    * a mapping with ``similarity`` and ``precision`` (1..100) and optionally ``reason``.
+    """
+    if isinstance(result, Judgement):
+        return result
+    if isinstance(result, dict):
+        return validate_judgement(result)
+    if isinstance(result, tuple | list) and len(result) == 2:
+        return validate_judgement({"similarity": result[0], "precision": result[1]})
+    if isinstance(result, bool | int | float):
+        share = float(result)
+        if not math.isfinite(share) or not 0 <= share <= 1:
+            raise JudgementError(f"share {result!r} is outside 0..1")
+        return Judgement(similarity=to_scale(share), precision=to_scale(share))
+    raise JudgementError(
+        f"a checker returned {type(result).__name__}: expected a share 0..1, a (similarity, precision) pair "
+        "or a dict with 'similarity' and 'precision'"
+    )
+
+
+def check_answer(item: JudgeItem, checker: Checker, name: str = "checker") -> Score:
+    """Score one answer with ``checker``; never raises (a raising checker or a bad result is a failed score)."""
+    try:
+        judgement = as_judgement(checker(item.instruction, item.reference, item.candidate))
+    except JudgementError as err:
+        reason = f"checker {name} returned an invalid result: {err}"
+        return Score(item_id=item.item_id, sample=item.sample, reason=reason[:_MAX_REASON_CHARS], failed=True)
+    except Exception as err:
+        reason = f"checker {name} failed: {type(err).__name__}: {err}"
+        return Score(item_id=item.item_id, sample=item.sample, reason=reason[:_MAX_REASON_CHARS], failed=True)
+    reason = judgement.reason or f"checker {name}"
+    return Score(item_id=item.item_id, sample=item.sample, similarity=judgement.similarity,
+                 precision=judgement.precision, reason=reason)
+
+
+async def check_items(items: list[JudgeItem], checker: Checker, name: str = "checker") -> tuple[list[Score], Usage]:
+    """Score every answer with ``checker`` (once: a checker is deterministic, so ``M`` does not apply) in a
+    worker thread, and return ``(scores in item order, usage)``; the usage is zero. Never raises."""
+    scores = await asyncio.to_thread(lambda: [check_answer(item, checker, name) for item in items])
+    return scores, Usage()

@@ -1,5 +1,8 @@
 """Trainer bus adapter: ``train.request`` -> fine-tune -> adapter to S3 -> ``train.done``.
 
+With ``student.export_merged`` the adapter merged into its base model is uploaded too, to
+``round_key(mid, round, "merged")``, and ``train.done`` carries its ref (``merged``).
+
 Checkpoints survive the machine: every checkpoint the trainer saves is copied to
 ``round_key(mid, round, "checkpoints", "latest")`` in a background thread, and a (re)delivered request first
 restores the newest checkpoint from there when it is ahead of the local one, so a trainer killed mid-run
@@ -20,9 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llamaduo.bus import Bus, Delivery
+from llamaduo.bus import Bus, Delivery, WorkReturned
 from llamaduo.contracts import ArtifactRef, Subject, TrainDone, TrainProgress, TrainRequestEvent
 from llamaduo.examples import Example
+from llamaduo.report import merged_key
+from llamaduo.services.trainer.domain import TrainingStopped
 from llamaduo.spec import MigrationSpec
 from llamaduo.store import ArtifactStore, SpecCache, StoreError, round_key
 
@@ -187,6 +192,7 @@ def train_round(
     *,
     progress: Callable[[TrainProgressInfo], None] | None = None,
     every_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[TrainResult, ArtifactRef]:
     """Train a round's student in ``work`` with checkpoints kept in S3, and upload the result.
 
@@ -208,7 +214,7 @@ def train_round(
             spec.student, rows, spec.task.system_prompt, out_dir,
             progress=progress, checkpoint_dir=checkpoints,
             checkpoint_every_s=checkpoint_every_s() if every_s is None else every_s,
-            on_checkpoint=uploader,
+            on_checkpoint=uploader, should_stop=should_stop,
         )
     except BaseException:
         uploader.close(flush=True)  # a failed run's redelivery resumes from the newest checkpoint
@@ -216,6 +222,21 @@ def train_round(
     uploader.close(flush=False)
     adapter = store.put_dir(round_key(migration_id, round, "adapter"), out_dir)
     return result, adapter
+
+
+def export_merged_round(
+    store: ArtifactStore, spec: MigrationSpec, migration_id: str, round: int, work: Path
+) -> ArtifactRef | None:
+    """With ``student.export_merged`` (LoRA), merge the adapter trained in ``work/adapter`` into its base and
+    upload the standalone model folder to :func:`~llamaduo.report.merged_key`. None when the spec does not ask."""
+    if not spec.student.export_merged or spec.student.method != "lora":
+        return None
+    from llamaduo.services.trainer.domain import export_merged
+
+    out_dir = work / "merged"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    export_merged(work / "adapter", out_dir)
+    return store.put_dir(merged_key(migration_id, round), out_dir)
 
 
 def register(bus: Bus, store: ArtifactStore) -> None:
@@ -244,10 +265,15 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                                     eta_seconds=getattr(info, "eta_seconds", None))
             asyncio.run_coroutine_threadsafe(bus.emit(event.follow(Subject.TRAIN_PROGRESS, payload)), loop)
 
-        result, adapter = await asyncio.to_thread(
-            train_round, store, spec, rows, event.migration_id, event.round, work, progress=progress)
+        try:
+            result, adapter = await asyncio.to_thread(
+                train_round, store, spec, rows, event.migration_id, event.round, work, progress=progress,
+                should_stop=bus.stopping.is_set)
+        except TrainingStopped as stopped:  # shutting down: the checkpoint is in S3, the request goes back
+            raise WorkReturned(str(stopped)) from None
+        merged = await asyncio.to_thread(export_merged_round, store, spec, event.migration_id, event.round, work)
         await bus.emit(event.follow(Subject.TRAIN_DONE, TrainDone(
-            adapter=adapter, rows=len(rows), train_loss=result.train_loss, seconds=result.seconds,
+            adapter=adapter, rows=len(rows), train_loss=result.train_loss, seconds=result.seconds, merged=merged,
         ), key="done"))
         await asyncio.to_thread(forget_checkpoints, store, checkpoint_prefix(event.migration_id, event.round))
         shutil.rmtree(work, ignore_errors=True)

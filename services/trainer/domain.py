@@ -9,6 +9,7 @@ load it. Heavy libraries are imported inside functions, so importing this module
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -22,10 +23,21 @@ from llamaduo.examples import Example
 from llamaduo.spec import StudentSpec
 from llamaduo.student import load_causal_lm, load_tokenizer, prompt_messages, resolve_base_model
 
+log = logging.getLogger(__name__)
+
 #: File in a trained student's folder describing how to load it.
 STUDENT_META_FILE = "llamaduo_student.json"
 #: With a checkpoint folder, a checkpoint is saved at most this often (a killed run loses less than this).
 CHECKPOINT_EVERY_S = 60.0
+
+
+class TrainingStopped(Exception):
+    """Training stopped early because ``should_stop`` said so; the checkpoint saved at ``step`` (in the
+    checkpoint folder) holds the progress, and a later run with the same folder resumes from it."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"training stopped on request at step {step}; checkpoint-{step} holds the progress")
+        self.step = step
 
 
 class TrainProgressInfo(BaseModel):
@@ -139,6 +151,20 @@ def _checkpoint_callback(every_s: float) -> Any:
                 self.last = time.monotonic()
 
     return _CheckpointEvery()
+
+
+def _stop_callback(should_stop: Callable[[], bool]) -> Any:
+    from transformers import TrainerCallback
+
+    class _StopOnRequest(TrainerCallback):
+        """After a step, when ``should_stop()``: save a checkpoint and end training."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step < state.max_steps and should_stop():
+                control.should_save = True
+                control.should_training_stop = True
+
+    return _StopOnRequest()
 
 
 def _save_hook(on_checkpoint: Callable[[Path], None]) -> Any:
@@ -270,6 +296,38 @@ def save_student(trainer: Any, tokenizer: Any, meta: dict[str, Any], output_dir:
     (output_dir / STUDENT_META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def export_merged(adapter_dir: Path, output_dir: Path, *, base_model_path: str | None = None) -> Path:
+    """Save the LoRA student in ``adapter_dir`` merged into its base model, as a standalone model folder.
+
+    ``output_dir`` gets what ``AutoModelForCausalLM.from_pretrained`` / vLLM need and nothing of LlamaDuo's:
+    ``config.json``, safetensors weights, ``generation_config.json`` and the student's tokenizer (with its chat
+    template). The base is always loaded unquantized for the merge: a QLoRA (4/8-bit) student's adapter is added
+    to the full-precision base weights (bitsandbytes weights cannot be merged losslessly), so the merged model is
+    the adapter on the unquantized base, not bit-identical to the quantized student the rounds evaluated.
+    The merge runs in float32; the weights are then saved in the base's own dtype (float32 when it names none).
+    ``base_model_path``: an already resolved base folder (default: resolve the base named in the metadata).
+    """
+    import torch
+    from peft import PeftModel
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    meta = read_student_meta(adapter_dir)
+    if meta["method"] != "lora":
+        raise ValueError(f"{adapter_dir} holds a {meta['method']} student; only a LoRA adapter can be merged")
+    base_path = Path(base_model_path or resolve_base_model(meta["base_model"]))
+    config = json.loads((base_path / "config.json").read_text())
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    base = load_causal_lm(base_path, "none")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float32:
+        merged = merged.to(dtype)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(output_dir), safe_serialization=True)
+    tokenizer = load_tokenizer(adapter_dir)
+    tokenizer.save_pretrained(str(output_dir))
+    return output_dir
+
+
 def train(
     student: StudentSpec,
     examples: list[Example],
@@ -281,6 +339,7 @@ def train(
     base_model_path: str | None = None,
     checkpoint_every_s: float = CHECKPOINT_EVERY_S,
     on_checkpoint: Callable[[Path], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Fine-tune ``student`` on ``examples`` and save it to ``output_dir`` (see :func:`save_student`).
 
@@ -291,6 +350,8 @@ def train(
     saved (``checkpoint_dir/checkpoint-<step>``; the previous one is already deleted), e.g. to copy it off
     the machine. It runs before training goes on, so it should be quick.
     ``base_model_path``: an already resolved base model folder (default: :func:`resolve_base_model`).
+    ``should_stop``: checked after every step; when it turns true (the service is shutting down) a checkpoint is
+    saved, ``on_checkpoint`` gets it, and :class:`TrainingStopped` is raised instead of saving the student.
     """
     started = time.monotonic()
     losses: list[float] = []
@@ -306,9 +367,15 @@ def train(
             callbacks=[
                 _progress_callback(progress, losses),
                 *([_save_hook(on_checkpoint)] if on_checkpoint is not None and checkpoint_dir is not None else []),
+                *([_stop_callback(should_stop)] if should_stop is not None else []),
             ],
         )
-        output = trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoint_dir))
+        resume = _last_checkpoint(checkpoint_dir)
+        if resume:
+            log.info("resuming training from %s", Path(resume).name)
+        output = trainer.train(resume_from_checkpoint=resume)
+        if should_stop is not None and trainer.state.global_step < trainer.state.max_steps and should_stop():
+            raise TrainingStopped(trainer.state.global_step)
         save_student(trainer, tokenizer, meta, Path(output_dir))
     state = trainer.state
     runtime = float(output.metrics.get("train_runtime") or 0.0)

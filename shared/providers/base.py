@@ -75,8 +75,9 @@ def make_provider(spec: ProviderSpec, task: TaskSpec) -> Provider:
     """Build the provider named by ``spec.provider``.
 
     ``simulated``: the task oracle; ``openai`` / ``openai-compatible``: Chat Completions through the
-    ``openai`` client; ``gemini``: the ``google-genai`` client. Raise :class:`ProviderError` when a network
-    provider cannot be built (e.g. its API key is not set).
+    ``openai`` client; ``gemini``: the ``google-genai`` client; ``local``: a transformers causal LM on this
+    machine (``model`` as for a student's base model; loaded on its first call). Raise
+    :class:`ProviderError` when a network provider cannot be built (e.g. its API key is not set).
     """
     if spec.provider == "simulated":
         from llamaduo.providers.simulated import SimulatedProvider
@@ -90,8 +91,8 @@ def make_provider(spec: ProviderSpec, task: TaskSpec) -> Provider:
         from llamaduo.providers.gemini_provider import GeminiProvider
 
         return GeminiProvider(spec, task)
-    raise NotImplementedError(
-        f"provider {spec.provider!r} is not available in this build; to use a model served on this machine, "
-        "run an OpenAI-compatible server (vLLM, llama.cpp, Ollama) and use provider 'openai-compatible' "
-        "with its base_url"
-    )
+    if spec.provider == "local":
+        from llamaduo.providers.local_provider import LocalProvider
+
+        return LocalProvider(spec, task)
+    raise ProviderError(f"unknown provider {spec.provider!r}")

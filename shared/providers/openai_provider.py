@@ -14,6 +14,12 @@ compatible servers get ``max_tokens``. A server that rejects that with HTTP 400 
 The client's own retries are off: :class:`~llamaduo.providers.limits.CallGuard` rate-limits, times out
 and retries every call. Token counts come from the response's ``usage`` (estimated when absent), the cost
 from :mod:`llamaduo.providers.pricing`. The key is never logged nor put into an error message.
+
+With ``batch_api: true`` the same request bodies (built by :meth:`OpenAIProvider.chat_body` for both
+paths) go through the Batch API instead, gathered by :class:`~llamaduo.providers.openai_batch.OpenAIBatcher`
+from concurrent calls, at the batch price (half the synchronous one); callers see no difference except the
+wait. A failed line fails only its call (retryable where asking again may work; a line rejected with HTTP
+400 while json_schema was asked for switches to JSON mode like the synchronous path, and is retryable).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
 
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError, estimate_tokens
 from llamaduo.providers.limits import (
@@ -36,6 +43,7 @@ from llamaduo.providers.limits import (
     is_retryable_status,
     parse_retry_after,
 )
+from llamaduo.providers.openai_batch import BatchLineError, OpenAIBatcher
 from llamaduo.providers.pricing import price_for
 from llamaduo.spec import ProviderSpec, TaskSpec
 
@@ -78,7 +86,7 @@ class OpenAIProvider(Provider):
                 )
             key = PLACEHOLDER_KEY
         self.name = f"{spec.provider}:{spec.model}"
-        self.price = price_for(spec.model, spec)
+        self.price = price_for(spec.model, spec, batch=spec.batch_api)
         self.guard = CallGuard(spec, policy=policy, clock=clock, sleep=sleep, rng=rng, secrets=[key])
         self.json_mode_fallback = json_mode_fallback
         self._schema_supported = True
@@ -89,6 +97,20 @@ class OpenAIProvider(Provider):
             # the guard bounds every attempt; the client's own limit is a looser backstop
             timeout=self.guard.policy.timeout + 5 if self.guard.policy.timeout else None,
         )
+        self.batcher: OpenAIBatcher | None = None
+        if spec.batch_api:
+            self.batcher = OpenAIBatcher(
+                self._client,
+                self.guard,
+                self._classify,
+                describe=f"{self.where} (Batch API)",
+                window_seconds=spec.batch_window_seconds,
+                max_requests=spec.batch_max_requests,
+                poll_seconds=spec.batch_poll_seconds,
+                timeout_seconds=spec.batch_timeout_seconds,
+                sleep=sleep,
+                clock=clock,
+            )
 
     @property
     def where(self) -> str:
@@ -97,17 +119,19 @@ class OpenAIProvider(Provider):
         )
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        """Send ``request`` (retrying per the spec); raise :class:`ProviderError` when it fails."""
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        if not messages:
+        """Send ``request`` (retrying per the spec; through the Batch API with ``batch_api``); raise
+        :class:`ProviderError` when it fails."""
+        if not request.messages:
             raise ProviderError(f"{self.where}: the request has no messages")
         prompt_estimate = estimate_tokens("\n".join(m.content for m in request.messages))
+        if self.batcher is not None:
+            return await self._complete_batched(request, prompt_estimate)
         reserved = prompt_estimate + (request.max_tokens or 0)
 
         async def attempt() -> tuple[Any, str, int, int]:
             schema_mode = request.json_schema is not None and self._schema_supported
             try:
-                response = await self._client.chat.completions.create(**self._params(request, messages))
+                response = await self._client.chat.completions.create(**self.chat_body(request))
             except openai.BadRequestError:
                 if not (schema_mode and self.json_mode_fallback):
                     raise
@@ -116,7 +140,7 @@ class OpenAIProvider(Provider):
                     "%s rejected response_format json_schema (HTTP 400); using json_object mode from now on",
                     self.where,
                 )
-                response = await self._client.chat.completions.create(**self._params(request, messages))
+                response = await self._client.chat.completions.create(**self.chat_body(request))
             return (response, *self._read(response, prompt_estimate))
 
         response, text, input_tokens, output_tokens = await self.guard.run(
@@ -131,7 +155,44 @@ class OpenAIProvider(Provider):
             model=getattr(response, "model", None) or self.spec.model,
         )
 
-    def _params(self, request: CompletionRequest, messages: list[dict[str, str]]) -> dict[str, Any]:
+    async def _complete_batched(self, request: CompletionRequest, prompt_estimate: int) -> Completion:
+        assert self.batcher is not None
+        describe = f"{self.where} ({request.purpose}, Batch API)"
+        schema_mode = request.json_schema is not None and self._schema_supported
+        try:
+            body = await self.batcher.submit(self.chat_body(request))
+        except BatchLineError as err:
+            if err.status == 400 and schema_mode and self.json_mode_fallback:
+                self._schema_supported = False
+                log.warning(
+                    "%s rejected response_format json_schema (HTTP 400); using json_object mode from now on",
+                    describe,
+                )
+                raise ProviderError(f"{err} (asking again in json_object mode)", retryable=True) from None
+            raise
+        try:
+            response = ChatCompletion.model_validate(body)
+        except ValueError as err:
+            raise ProviderError(
+                self.guard.redact(f"{describe}: unreadable reply ({type(err).__name__}: {str(err)[:200]})"),
+                retryable=True,
+            ) from None
+        try:
+            text, input_tokens, output_tokens = self._read(response, prompt_estimate)
+        except ProviderError as err:
+            raise ProviderError(self.guard.redact(f"{describe}: {err}"), retryable=err.retryable) from None
+        return Completion(
+            text=text,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost=self.price.cost(input_tokens, output_tokens),
+            model=response.model or self.spec.model,
+        )
+
+    def chat_body(self, request: CompletionRequest) -> dict[str, Any]:
+        """The Chat Completions request body for ``request``: the keyword arguments of a synchronous
+        ``chat.completions.create`` and the ``body`` of a Batch API line alike."""
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
         params: dict[str, Any] = {"model": self.spec.model, "messages": messages}
         reasoning = self.spec.provider == "openai" and is_reasoning_model(self.spec.model)
         if not reasoning:  # reasoning models accept only their default temperature
@@ -200,6 +261,9 @@ class OpenAIProvider(Provider):
         return None
 
     async def aclose(self) -> None:
+        """Fail calls still waiting for a batch, then close the HTTP client."""
+        if self.batcher is not None:
+            await self.batcher.aclose()
         await self._client.close()
 
 

@@ -8,6 +8,9 @@ Where a price comes from, first match wins:
    change: set the spec fields to be exact;
 3. otherwise 0, with a note (logged once per model) saying the cost is not counted.
 
+Calls through the OpenAI Batch API (``ProviderSpec.batch_api``) cost :data:`BATCH_DISCOUNT` of that price
+(spec prices are synchronous prices too): ``price_for(model, spec, batch=True)`` or :meth:`Price.batch`.
+
 Model names match exactly, then by the longest table entry that prefixes the name at a ``-`` boundary, so
 dated snapshots (``gpt-4o-mini-2024-07-18``) and previews (``gemini-2.5-flash-preview-05-20``) find their
 family; a ``models/`` prefix (Gemini) is ignored.
@@ -25,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: When :data:`PRICE_TABLE` was written (check current list prices before relying on it).
 PRICES_AS_OF = "2025-08"
+
+#: Share of the synchronous price paid for a call made through the OpenAI Batch API (half price).
+BATCH_DISCOUNT = 0.5
 
 #: model family -> (USD per 1M input tokens, USD per 1M output tokens), as of :data:`PRICES_AS_OF`.
 PRICE_TABLE: dict[str, tuple[float, float]] = {
@@ -63,7 +69,18 @@ class Price:
     note: str = ""
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """USD cost of one call with the given token counts."""
         return (max(0, input_tokens) * self.input_per_mtok + max(0, output_tokens) * self.output_per_mtok) / 1e6
+
+    def batch(self) -> Price:
+        """This price for calls made through the Batch API (:data:`BATCH_DISCOUNT` of it)."""
+        note = f"Batch API: {BATCH_DISCOUNT:.0%} of the synchronous price"
+        return Price(
+            self.input_per_mtok * BATCH_DISCOUNT,
+            self.output_per_mtok * BATCH_DISCOUNT,
+            self.source,
+            f"{self.note}; {note}" if self.note else note,
+        )
 
 
 _warned: set[str] = set()
@@ -83,8 +100,14 @@ def lookup(model: str) -> tuple[str, tuple[float, float]] | None:
     return (best, PRICE_TABLE[best]) if best else None
 
 
-def price_for(model: str, spec: ProviderSpec | None = None) -> Price:
-    """The price of ``model``: the spec's fields, else the table, else 0 with a note."""
+def price_for(model: str, spec: ProviderSpec | None = None, *, batch: bool = False) -> Price:
+    """The price of ``model``: the spec's fields, else the table, else 0 with a note; with ``batch``, the
+    Batch API price (see :meth:`Price.batch`)."""
+    price = _sync_price(model, spec)
+    return price.batch() if batch else price
+
+
+def _sync_price(model: str, spec: ProviderSpec | None) -> Price:
     spec_in = spec.price_input_per_mtok if spec is not None else None
     spec_out = spec.price_output_per_mtok if spec is not None else None
     if spec_in is not None and spec_out is not None:

@@ -1,6 +1,8 @@
 """Local stand-ins for service-LLM HTTP APIs (test code).
 
-:class:`FakeOpenAIServer` speaks ``POST /v1/chat/completions`` (OpenAI Chat Completions);
+:class:`FakeOpenAIServer` speaks ``POST /v1/chat/completions`` (OpenAI Chat Completions) and the Batch API
+(Files upload / content / delete, batch create / retrieve / cancel; each batch line is answered by the same
+script and responder as a chat request, and how the batch as a whole ends is scripted with :class:`BatchPlan`);
 :class:`FakeGeminiServer` speaks ``POST /{version}/models/{model}:generateContent`` (Gemini API). Each runs
 a standard-library HTTP server on 127.0.0.1 (random port) in a background thread.
 
@@ -20,6 +22,9 @@ Usage fields (``usage.prompt_tokens``/``completion_tokens``; ``usageMetadata.pro
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
+import itertools
 import json
 import threading
 import time
@@ -27,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -119,7 +124,10 @@ class FakeLLMServer:
                 owner._handle(self)
 
             def do_GET(self) -> None:
-                owner._send_json(self, 404, {"error": {"message": "not found"}})
+                owner._handle(self)
+
+            def do_DELETE(self) -> None:
+                owner._handle(self)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -194,33 +202,43 @@ class FakeLLMServer:
         )
         with self._lock:
             self.requests.append(rec)
-        if not self.accepts(handler.path):
-            self._send_json(handler, 404, self.error_body(404, f"unknown path {handler.path}", None))
-            return
-        reply = self._next_reply(rec)
-        if reply.delay > 0 and self._stopping.wait(reply.delay):
-            return  # server stopping: drop the connection
         try:
-            if reply.raw_body is not None:
-                self._send(handler, reply.status, reply.raw_body, reply.headers)
-            elif reply.status != 200:
-                body_out = self.error_body(reply.status, reply.error_message or "error", reply.error_code)
-                if reply.error_details is not None and isinstance(body_out.get("error"), dict):
-                    body_out["error"]["details"] = reply.error_details
-                self._send_json(handler, reply.status, body_out, reply.headers)
+            if self.route(handler, rec, raw):
+                return
+            if handler.command != "POST" or not self.accepts(handler.path):
+                self._send_json(handler, 404, self.error_body(404, f"unknown path {handler.path}", None))
+                return
+            reply = self._next_reply(rec)
+            if reply.delay > 0 and self._stopping.wait(reply.delay):
+                return  # server stopping: drop the connection
+            status, body_out = self.answer(rec, reply)
+            if isinstance(body_out, bytes):
+                self._send(handler, status, body_out, reply.headers)
             else:
-                content = reply.content if reply.content is not None else ""
-                prompt = sum(len(m["content"]) for m in rec.messages)
-                p_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else max(1, prompt // 4)
-                c_tokens = (
-                    reply.completion_tokens if reply.completion_tokens is not None else max(1, len(content) // 4)
-                )
-                if reply.include_usage:
-                    rec.usage = (p_tokens, c_tokens + (reply.thoughts_tokens or 0))
-                self._send_json(handler, 200, self.success_body(rec, reply, content, p_tokens, c_tokens),
-                                reply.headers)
+                self._send_json(handler, status, body_out, reply.headers)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout): nothing to answer
+
+    def answer(self, rec: Recorded, reply: Reply) -> tuple[int, Any]:
+        """``(HTTP status, JSON body or raw bytes)`` answering ``rec`` with ``reply``; sets ``rec.usage``."""
+        if reply.raw_body is not None:
+            return reply.status, reply.raw_body
+        if reply.status != 200:
+            body_out = self.error_body(reply.status, reply.error_message or "error", reply.error_code)
+            if reply.error_details is not None and isinstance(body_out.get("error"), dict):
+                body_out["error"]["details"] = reply.error_details
+            return reply.status, body_out
+        content = reply.content if reply.content is not None else ""
+        prompt = sum(len(m["content"]) for m in rec.messages)
+        p_tokens = reply.prompt_tokens if reply.prompt_tokens is not None else max(1, prompt // 4)
+        c_tokens = reply.completion_tokens if reply.completion_tokens is not None else max(1, len(content) // 4)
+        if reply.include_usage:
+            rec.usage = (p_tokens, c_tokens + (reply.thoughts_tokens or 0))
+        return 200, self.success_body(rec, reply, content, p_tokens, c_tokens)
+
+    def route(self, handler: BaseHTTPRequestHandler, rec: Recorded, raw: bytes) -> bool:
+        """Answer requests other than the chat endpoint (True when answered); none by default."""
+        return False
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict[str, str] | None = None,
@@ -252,14 +270,222 @@ class FakeLLMServer:
         raise NotImplementedError
 
 
+@dataclass
+class BatchPlan:
+    """How :class:`FakeOpenAIServer` runs one batch (queue with :meth:`FakeOpenAIServer.plan_batches`).
+
+    The batch is ``validating`` when created, then ``in_progress`` for ``polls`` retrievals, then ends with
+    ``status``: ``completed`` (every line answered, minus the last ``drop`` lines, which are left out);
+    ``expired`` / ``cancelled`` (the first ``done`` lines answered, the rest in the error file with code
+    ``batch_expired`` / ``batch_cancelled``); ``failed`` (no output; ``errors`` as the batch's
+    ``errors.data``). A line answered with a non-200 reply goes to the error file with its status and body,
+    as the real API does.
+    """
+
+    status: Literal["completed", "failed", "expired", "cancelled"] = "completed"
+    polls: int = 1
+    done: int = 0
+    drop: int = 0
+    errors: list[dict[str, Any]] | None = None
+
+
 class FakeOpenAIServer(FakeLLMServer):
-    """OpenAI Chat Completions at ``{url}/v1`` (give that as ``base_url``)."""
+    """OpenAI Chat Completions and Batch API at ``{url}/v1`` (give that as ``base_url``).
+
+    Batch API state is visible to tests: ``files`` (id -> uploaded or output file, ``data`` holds the bytes;
+    deleted files are removed and listed in ``deleted_files``), ``uploads`` (every uploaded file, kept after
+    deletion), ``batches`` (id -> the batch object as last
+    served) and ``batch_lines`` (one :class:`Recorded` per answered batch line, with its usage; these are not
+    in ``requests``, which holds the HTTP requests only).
+    """
 
     api = "openai"
+
+    def __init__(self, responder: Responder | None = None) -> None:
+        super().__init__(responder)
+        self.files: dict[str, dict[str, Any]] = {}
+        self.deleted_files: list[str] = []
+        self.uploads: list[dict[str, Any]] = []
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_lines: list[Recorded] = []
+        self.batch_plan = BatchPlan()
+        self._plans: deque[BatchPlan] = deque()
+        self._batch_state: dict[str, dict[str, Any]] = {}
+        self._ids = itertools.count(1)
 
     @property
     def base_url(self) -> str:
         return f"{self.url}/v1"
+
+    def plan_batches(self, *plans: BatchPlan) -> None:
+        """Queue how the next batches run, in order (afterwards: ``batch_plan``)."""
+        with self._lock:
+            self._plans.extend(plans)
+
+    # -- Batch API
+    def route(self, handler: BaseHTTPRequestHandler, rec: Recorded, raw: bytes) -> bool:
+        parts = [p for p in handler.path.split("?")[0].split("/") if p]
+        if parts[:1] == ["v1"]:
+            parts = parts[1:]
+        method = handler.command
+        if parts[:1] == ["files"]:
+            if method == "POST" and len(parts) == 1:
+                self._upload(handler, raw)
+            elif method == "GET" and len(parts) == 3 and parts[2] == "content":
+                with self._lock:
+                    stored = self.files.get(parts[1])
+                if stored is None:
+                    self._send_json(handler, 404, self.error_body(404, f"no file {parts[1]}", None))
+                else:
+                    self._send(handler, 200, stored["data"], content_type="application/octet-stream")
+            elif method == "DELETE" and len(parts) == 2:
+                with self._lock:
+                    found = self.files.pop(parts[1], None) is not None
+                    if found:
+                        self.deleted_files.append(parts[1])
+                status = 200 if found else 404
+                self._send_json(handler, status, {"id": parts[1], "object": "file", "deleted": True} if found
+                                else self.error_body(404, f"no file {parts[1]}", None))
+            else:
+                return False
+            return True
+        if parts[:1] == ["batches"]:
+            if method == "POST" and len(parts) == 1:
+                self._create_batch(handler, rec.body if isinstance(rec.body, dict) else {})
+            elif method == "GET" and len(parts) == 2:
+                self._retrieve_batch(handler, parts[1])
+            elif method == "POST" and len(parts) == 3 and parts[2] == "cancel":
+                self._retrieve_batch(handler, parts[1], cancel=True)
+            else:
+                return False
+            return True
+        return False
+
+    def _new_file(self, filename: str, purpose: str, data: bytes) -> dict[str, Any]:
+        file_id = f"file-{next(self._ids)}"
+        meta = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose, "status": "processed"}
+        with self._lock:
+            self.files[file_id] = {**meta, "data": data}
+        return meta
+
+    def _upload(self, handler: BaseHTTPRequestHandler, raw: bytes) -> None:
+        fields = _multipart(handler.headers.get("Content-Type", ""), raw)
+        if "file" not in fields or "purpose" not in fields:
+            self._send_json(handler, 400, self.error_body(400, "multipart fields 'file' and 'purpose' needed", None))
+            return
+        filename, data = fields["file"]
+        meta = self._new_file(filename or "upload.jsonl", fields["purpose"][1].decode(), data)
+        with self._lock:
+            self.uploads.append({**meta, "data": data})
+        self._send_json(handler, 200, meta)
+
+    def _create_batch(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        with self._lock:
+            stored = self.files.get(str(body.get("input_file_id")))
+            plan = self._plans.popleft() if self._plans else self.batch_plan
+        if stored is None or stored["purpose"] != "batch":
+            self._send_json(handler, 400, self.error_body(400, "input_file_id must name a file of purpose batch",
+                                                          None))
+            return
+        endpoint = body.get("endpoint")
+        lines: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for number, text in enumerate(stored["data"].decode().splitlines(), 1):
+            try:
+                line = json.loads(text)
+            except ValueError:
+                errors.append({"code": "invalid_json_line", "message": "not JSON", "line": number})
+                continue
+            if line.get("custom_id") in seen or line.get("method") != "POST" or line.get("url") != endpoint:
+                errors.append({"code": "invalid_request", "message": "duplicate custom_id, bad method or url",
+                               "line": number})
+            seen.add(line.get("custom_id"))
+            lines.append(line)
+        if endpoint != "/v1/chat/completions":
+            errors.append({"code": "invalid_endpoint", "message": f"endpoint {endpoint} not served", "line": None})
+        batch_id = f"batch_{next(self._ids)}"
+        batch = {
+            "id": batch_id, "object": "batch", "endpoint": endpoint, "input_file_id": stored["id"],
+            "completion_window": body.get("completion_window"), "status": "validating",
+            "created_at": int(time.time()), "metadata": body.get("metadata"),
+            "output_file_id": None, "error_file_id": None, "errors": None,
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+        }
+        if errors:
+            plan = BatchPlan(status="failed", polls=0, errors=errors)
+        with self._lock:
+            self.batches[batch_id] = batch
+            self._batch_state[batch_id] = {"plan": plan, "polls": plan.polls, "lines": lines}
+        self._send_json(handler, 200, batch)
+
+    def _retrieve_batch(self, handler: BaseHTTPRequestHandler, batch_id: str, cancel: bool = False) -> None:
+        finish: str | None = None
+        with self._lock:
+            batch = self.batches.get(batch_id)
+            state = self._batch_state.get(batch_id)
+            if batch is None or state is None:
+                self._send_json(handler, 404, self.error_body(404, f"no batch {batch_id}", None))
+                return
+            if batch["status"] in ("validating", "in_progress"):
+                if cancel:
+                    batch["status"] = "finalizing"
+                    finish = "cancelled"
+                elif state["polls"] > 0:
+                    state["polls"] -= 1
+                    batch["status"] = "in_progress"
+                else:
+                    batch["status"] = "finalizing"
+                    finish = state["plan"].status
+        if finish is not None:
+            self._finish(batch, state["plan"], state["lines"], finish)
+        with self._lock:
+            snapshot = dict(batch)
+        self._send_json(handler, 200, snapshot)
+
+    def _finish(self, batch: dict[str, Any], plan: BatchPlan, lines: list[dict[str, Any]], status: str) -> None:
+        out: list[bytes] = []
+        err: list[bytes] = []
+        if status == "completed":
+            answered = lines[: max(0, len(lines) - plan.drop)]
+        elif status in ("expired", "cancelled"):
+            answered = lines[: plan.done] if status == plan.status else []
+        else:
+            answered = []
+        for number, line in enumerate(answered, 1):
+            body = line.get("body") if isinstance(line.get("body"), dict) else {}
+            rec = Recorded(at=time.monotonic(), method="POST", path=str(line.get("url")), headers={}, body=body,
+                           messages=self.messages_of(body))
+            reply = self._next_reply(rec)
+            with self._lock:
+                self.batch_lines.append(rec)
+            code, answer = self.answer(rec, reply)
+            if isinstance(answer, bytes):  # a broken line, written verbatim
+                out.append(answer)
+                continue
+            result = {"id": f"batch_req_{batch['id']}_{number}", "custom_id": line.get("custom_id"),
+                      "response": {"status_code": code, "request_id": f"req_{number}", "body": answer},
+                      "error": None}
+            (out if code == 200 else err).append(json.dumps(result).encode())
+        if status in ("expired", "cancelled"):
+            for line in lines[len(answered):]:
+                err.append(json.dumps({
+                    "id": f"batch_req_{batch['id']}_x", "custom_id": line.get("custom_id"), "response": None,
+                    "error": {"code": f"batch_{status}",
+                              "message": f"This request could not be executed before the batch was {status}."},
+                }).encode())
+        output_id = self._new_file(f"{batch['id']}_output.jsonl", "batch_output", _jsonl(out))["id"] if out else None
+        error_id = self._new_file(f"{batch['id']}_error.jsonl", "batch_output", _jsonl(err))["id"] if err else None
+        with self._lock:
+            batch["status"] = status
+            batch[f"{status}_at"] = int(time.time())
+            if status == "failed":
+                batch["errors"] = {"object": "list", "data": plan.errors or [
+                    {"code": "invalid_request", "message": "scripted batch failure", "line": None}]}
+                return
+            batch["output_file_id"], batch["error_file_id"] = output_id, error_id
+            batch["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
 
     def accepts(self, path: str) -> bool:
         return path.split("?")[0].rstrip("/").endswith("/chat/completions")
@@ -345,6 +571,23 @@ class FakeGeminiServer(FakeLLMServer):
         names = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED",
                  500: "INTERNAL", 503: "UNAVAILABLE"}
         return {"error": {"code": status, "message": message, "status": code or names.get(status, "UNKNOWN")}}
+
+
+def _jsonl(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\n" for line in lines)
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """``{field: (filename, bytes)}`` of a ``multipart/form-data`` body."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts():  # type: ignore[attr-defined]
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            fields[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
 
 
 def _parts_text(content: dict[str, Any]) -> str:
