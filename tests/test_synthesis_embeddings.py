@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from fakes.providers import Scripted
 
 from llamaduo.contracts import SynthRequest
 from llamaduo.embeddings import (
@@ -23,10 +24,9 @@ from llamaduo.embeddings import (
     max_cosine,
 )
 from llamaduo.examples import Example, example_id
-from llamaduo.providers.base import Completion, CompletionRequest, Provider
 from llamaduo.services.synthesizer import domain
 from llamaduo.services.synthesizer.domain import Decontaminator, SynthResult, synthesize
-from llamaduo.spec import ProviderSpec, SynthesisSpec, TaskSpec
+from llamaduo.spec import SynthesisSpec, TaskSpec
 from llamaduo.tasks.invoice import make_dataset, match_family, oracle
 
 TASK = TaskSpec(name="support", oracle="llamaduo.tasks.invoice:oracle")
@@ -155,23 +155,6 @@ PARAPHRASES = [p for _, p in TEST_PARAPHRASES]
 NEAR_DUPLICATES = [n for _, n in TRAIN_NEAR_DUPLICATES] + KEPT_NEAR_DUPLICATES
 
 
-class Scripted(Provider):
-    """Replies come from ``reply(call_number)``."""
-
-    name = "scripted"
-
-    def __init__(self, reply: Callable[[int], str]) -> None:
-        super().__init__(ProviderSpec(model="fake"), TASK)
-        self.reply = reply
-        self.calls = 0
-
-    async def complete(self, request: CompletionRequest) -> Completion:
-        self.calls += 1
-        number = self.calls  # taken before yielding: calls of a wave run concurrently
-        await asyncio.sleep(0)
-        return Completion(text=self.reply(number), input_tokens=10, output_tokens=10)
-
-
 class Counting(SentenceEmbedder):
     """The shared embedder, counting ``encode`` calls and texts."""
 
@@ -199,7 +182,8 @@ def _run(rows: list[dict[str, str]], spec: SynthesisSpec, embedder: SentenceEmbe
          ) -> SynthResult:
     per_call = per_call or len(rows)
     chunks = [rows[i : i + per_call] for i in range(0, len(rows), per_call)]
-    provider = Scripted(lambda n: json.dumps({"examples": chunks[n - 1] if n <= len(chunks) else []}))
+    provider = Scripted(lambda n: json.dumps({"examples": chunks[n - 1] if n <= len(chunks) else []}), TASK,
+                        input_tokens=10, output_tokens=10)
     spec = spec.model_copy(update={"examples_per_call": per_call, "samples_per_round": len(rows)})
     return asyncio.run(
         synthesize(TRAIN, TEST, SynthRequest(samples=len(rows)), spec, provider, round=1, seed=3,

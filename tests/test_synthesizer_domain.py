@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 
 import pytest
+from fakes.providers import Scripted
 
 from llamaduo.contracts import SynthRequest
 from llamaduo.examples import Example, example_id
@@ -42,22 +42,6 @@ class Recording(Provider):
     async def complete(self, request: CompletionRequest) -> Completion:
         self.requests.append(request)
         return await self.inner.complete(request)
-
-
-class Scripted(Provider):
-    """Replies come from ``reply(call_number)``."""
-
-    name = "scripted"
-
-    def __init__(self, reply: Callable[[int], str]) -> None:
-        super().__init__(ProviderSpec(model="fake"), TASK)
-        self.reply = reply
-        self.calls = 0
-
-    async def complete(self, request: CompletionRequest) -> Completion:
-        self.calls += 1
-        await asyncio.sleep(0)
-        return Completion(text=self.reply(self.calls), input_tokens=100, output_tokens=50)
 
 
 def _run(
@@ -172,7 +156,7 @@ def _planted() -> tuple[list[dict], dict[str, int], list[dict]]:
 
 def test_filters_remove_planted_rows_and_keep_clean_ones() -> None:
     rows, expected, controls = _planted()
-    provider = Scripted(lambda n: json.dumps({"examples": rows if n == 1 else []}))
+    provider = Scripted(lambda n: json.dumps({"examples": rows if n == 1 else []}), TASK)
     spec = SynthesisSpec(examples_per_call=len(rows), samples_per_round=len(rows))
     result = _run(provider, samples=len(rows), spec=spec)
     kept = {e.instruction for e in result.examples}
@@ -192,13 +176,13 @@ def test_bad_replies_are_reasked_then_used() -> None:
         }
     )
     replies = {1: "Sure, here you go: examples...", 2: '{"items": []}', 3: good}
-    provider = Scripted(lambda n: replies.get(n, '{"examples": []}'))
+    provider = Scripted(lambda n: replies.get(n, '{"examples": []}'), TASK)
     result = _run(provider, samples=4)
     assert result.kept == 4 and result.failed_calls == 0 and provider.calls == 3 and result.usage.calls == 3
 
 
 def test_always_bad_replies_count_failed_calls_without_raising() -> None:
-    provider = Scripted(lambda n: "not json at all")
+    provider = Scripted(lambda n: "not json at all", TASK)
     result = _run(provider, samples=8)
     assert result.kept == 0 and result.failed_calls == result.calls >= 1
     assert provider.calls == 3 * result.calls and any("call failed" in n for n in result.notes)
