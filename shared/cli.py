@@ -165,6 +165,8 @@ def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
     log = sys.stderr if args.json else sys.stdout
     embedded = None
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a stopped CLI stops its embedded installation too
+    if args.embedded and (problems := _plugin_problems(spec)):  # the embedded services run on this machine
+        return _err("user code named in the spec cannot be loaded:\n" + "\n".join(f"  - {p}" for p in problems))
     try:
         if args.embedded:
             from llamaduo.embedded import Embedded
@@ -218,6 +220,25 @@ def cmd_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugin_problems(spec: Any) -> list[str]:
+    """The spec's user code (task oracle, judge checker) that cannot be loaded on this machine."""
+    from llamaduo.oracle import OracleError, load_oracle
+    from llamaduo.services.judge.domain import CheckerError, load_checker
+
+    problems = []
+    if spec.task.oracle:
+        try:
+            load_oracle(spec.task.oracle)
+        except OracleError as err:
+            problems.append(str(err))
+    if spec.judge.method == "programmatic":
+        try:
+            load_checker(spec.judge.checker)
+        except CheckerError as err:
+            problems.append(str(err))
+    return problems
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from llamaduo.spec import SpecError, load_spec
 
@@ -225,6 +246,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
     except SpecError as err:
         return _err(str(err))
+    problems = _plugin_problems(spec)
+    if problems:
+        return _err(f"{args.spec}: user code named in the spec cannot be loaded here (the services that use it "
+                    "need it too):\n" + "\n".join(f"  - {p}" for p in problems))
     print(f"{args.spec}: valid (task {spec.task.name!r}, student {spec.student.base_model})")
     return 0
 

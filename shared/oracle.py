@@ -9,10 +9,10 @@ given seeds and answers any instruction; as a judge it scores a candidate agains
 
 from __future__ import annotations
 
-import importlib
 from typing import Protocol, runtime_checkable
 
 from llamaduo.examples import Example
+from llamaduo.plugins import import_ref
 
 
 @runtime_checkable
@@ -45,15 +45,7 @@ class OracleError(ValueError):
 
 def load_oracle(ref: str) -> TaskOracle:
     """Import ``module:attr``; call it if it is a class or factory. Raise :class:`OracleError` if unusable."""
-    module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise OracleError(f"task.oracle {ref!r}: cannot import module {module_name!r}: {err}") from None
-    try:
-        obj = getattr(module, attr)
-    except AttributeError:
-        raise OracleError(f"task.oracle {ref!r}: module {module_name!r} has no attribute {attr!r}") from None
+    obj = import_ref(ref, f"task.oracle {ref!r}", OracleError)
     if isinstance(obj, type) or (callable(obj) and not isinstance(obj, TaskOracle)):
         try:
             obj = obj()

@@ -57,3 +57,16 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     assert main(["validate", str(write(tmp_path, {**GOOD, "extra": 1}))]) == 2
     assert "extra: unknown field" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_validate_loads_the_user_code_the_spec_names(tmp_path, capsys):
+    bad_oracle = {**GOOD, "task": {**GOOD["task"], "oracle": "no_such_module_xyz:oracle"}}
+    assert main(["validate", str(write(tmp_path, bad_oracle))]) == 2
+    err = capsys.readouterr().err
+    assert "task.oracle 'no_such_module_xyz:oracle': cannot import module 'no_such_module_xyz'" in err
+    bad_checker = {**GOOD, "judge": {"method": "programmatic", "checker": "llamaduo.spec:no_such_checker"}}
+    assert main(["validate", str(write(tmp_path, bad_checker))]) == 2
+    assert "judge.checker 'llamaduo.spec:no_such_checker': module 'llamaduo.spec' has no attribute" in (
+        capsys.readouterr().err)
+    good_checker = {**GOOD, "judge": {"method": "programmatic", "checker": "json_fields"}}
+    assert main(["validate", str(write(tmp_path, good_checker))]) == 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import inspect
 import json
 import math
@@ -31,6 +30,7 @@ from pydantic import BaseModel, ValidationError, field_validator
 
 from llamaduo.budget import BudgetExhausted
 from llamaduo.contracts import JudgeItem, Score, Usage
+from llamaduo.plugins import import_ref
 from llamaduo.providers.base import ChatMessage, Completion, CompletionRequest, Provider, ProviderError
 from llamaduo.scoring import field_shares, normalise_text, parse_json_object, strip_code_fence, to_scale
 from llamaduo.spec import JudgeSpec
@@ -395,19 +395,11 @@ def load_checker(ref: str) -> Checker:
     if ref in CHECKERS:
         return CHECKERS[ref]
     where = f"judge.checker {ref!r}"
-    module_name, _, attr = ref.partition(":")
-    if not module_name or not attr:
+    if ":" not in ref:
         raise CheckerError(f"{where}: must be one of {sorted(CHECKERS)} or 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:
-        raise CheckerError(f"{where}: cannot import module {module_name!r}: {type(err).__name__}: {err}") from None
-    try:
-        function = getattr(module, attr)
-    except AttributeError:
-        raise CheckerError(f"{where}: module {module_name!r} has no attribute {attr!r}") from None
+    function = import_ref(ref, where, CheckerError)
     if not callable(function):
-        raise CheckerError(f"{where}: {attr!r} is a {type(function).__name__}, not a function")
+        raise CheckerError(f"{where}: it is a {type(function).__name__}, not a function")
     try:
         inspect.signature(function).bind("instruction", "reference", "candidate")
     except TypeError as err:
