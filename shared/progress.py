@@ -142,7 +142,7 @@ class MigrationView:
             self.usage = self.usage + p.usage
         elif t in (Subject.MIGRATION_COMPLETED, Subject.MIGRATION_FAILED):
             self.outcome = "completed" if t == Subject.MIGRATION_COMPLETED else f"failed ({p.reason})"
-            self.stage = self.outcome
+            self.stage, self.detail = self.outcome, ""
             self.usage = p.usage
         return True
 

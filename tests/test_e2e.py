@@ -6,9 +6,12 @@ every queue make a later round pass. Nothing is hard-coded: the scores come from
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -140,6 +143,46 @@ def test_full_loop_by_hand_with_plain_nats_client(tmp_path: Path, triage_data: P
         assert r.judged == 40 or (r.early_stopped and 10 <= r.judged < 40), r
     print(f"e2e: {len(rounds)} rounds in {elapsed:.0f}s: "
           + ", ".join(f"r{r.round} {r.aggregates['similarity_mean']:.1f}" for r in rounds))
+
+
+def test_cli_migrate_embedded_live_view_programmatic_judge(tmp_path: Path, triage_data: Path) -> None:
+    """The CLI on a terminal (a pty): the live view draws; the judge is the programmatic checker."""
+    spec = triage_spec(triage_data)
+    spec["judge"] = {**spec["judge"], "method": "programmatic", "checker": "normalised"}
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    terminal, child = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamaduo.cli", "migrate", str(spec_path), "--embedded", "--json",
+         "--data-dir", str(tmp_path / "install"), "--timeout", "600"],
+        stdout=subprocess.PIPE, stderr=child, env={**os.environ, "COLUMNS": "140"},
+    )
+    os.close(child)
+    screen: list[bytes] = []
+
+    def read_terminal() -> None:  # a pty must be drained or the child blocks writing to it
+        with contextlib.suppress(OSError):
+            while data := os.read(terminal, 65536):
+                screen.append(data)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(timeout=700)
+    reader.join(10)
+    os.close(terminal)
+    drawn = b"".join(screen).decode(errors="replace")
+    assert proc.returncode == 0, drawn[-4000:]
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["status"] == "completed" and len(summary["rounds"]) >= 2
+    first, last = summary["rounds"][0], summary["rounds"][-1]
+    assert first["decision"] == "continue" and last["decision"] == "pass"
+    # an exact checker scores 1 or 100 per answer: the round means say how many answers were right
+    for r in summary["rounds"]:  # (the summary rounds means to 2 decimals)
+        right = (r["aggregates"]["similarity_mean"] - 1) * r["aggregates"]["judged"] / 99
+        assert abs(right - round(right)) < 0.01, r
+    assert "\x1b[" in drawn, "no terminal drawing"
+    assert f"judged {last['aggregates']['judged']:.0f}/40" in drawn and "service LLM" in drawn
+    assert "step " in drawn and "[round 0] trained on" in drawn
 
 
 def test_cli_migrate_embedded_json(tmp_path: Path, triage_data: Path) -> None:
