@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import ipaddress
 from pathlib import Path
 
 import pytest
+from test_nats_auth import carries_an_event
 
-from llamaduo.bus import Bus
 from llamaduo.client import connect
-from llamaduo.contracts import Subject, TrainRequest, TrainRequestEvent, start_envelope
 from llamaduo.servers import NatsServer
 from llamaduo.settings import Settings
 
@@ -65,23 +63,8 @@ async def test_user_password_over_tls_carries_events(secured, caplog) -> None:
     server, ca = secured
     settings = Settings(nats_url=f"tls://127.0.0.1:{server.port}", nats_user="app", nats_password=PASSWORD,
                         nats_tls_ca_file=ca)
-    bus = Bus(settings, "secure")
-    got: list[int] = []
-
-    @bus.consumer(Subject.TRAIN_REQUEST, "secure")
-    async def handle(event: TrainRequestEvent) -> None:
-        got.append(event.payload.rows)
-
-    await bus.broker.start()
-    try:
-        await bus.emit(start_envelope("m-tls", {}).follow(Subject.TRAIN_REQUEST, TrainRequest(datasets=[], rows=5)))
-        for _ in range(100):
-            if got:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await bus.broker.stop()
-    assert got == [5]
+    got = await carries_an_event(settings)
+    assert got == [7]
     assert PASSWORD not in caplog.text and PASSWORD not in repr(settings)
 
 
