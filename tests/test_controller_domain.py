@@ -40,10 +40,10 @@ def kinds(outputs):
     return [o.type for o in outputs if o.type != Subject.MIGRATION_PROGRESS]
 
 
-def score_round(state, cause, round, sims, batches=2):
+def score_round(state, cause, round, sims, batches=2, merged=None):
     """Send the round's train.done, infer.done and eval.scored batches; return the last outputs."""
     domain.on_train_done(state, cause.follow(Subject.TRAIN_DONE, TrainDone(
-        adapter=ArtifactRef(key=f"a{round}"), rows=4), round=round))
+        adapter=ArtifactRef(key=f"a{round}"), rows=4, merged=merged), round=round))
     domain.on_infer_done(state, cause.follow(Subject.INFER_DONE, InferDone(
         predictions=ArtifactRef(key="p"), prompts=len(sims), samples_per_prompt=1, batches=batches), round=round))
     per = len(sims) // batches
@@ -148,3 +148,17 @@ def test_small_rounds_are_never_early_stopped():
     s = state.rounds[0].summary
     assert s.judged == 4 and not s.early_stopped and s.gate_interval is None
     assert not state.rounds[0].judging_closed
+
+
+def test_the_chosen_rounds_merged_model_is_kept_and_listed():
+    from llamaduo.report import manifest
+
+    start, state, _ = begin()
+    score_round(state, start, 0, [1, 1, 1, 1], merged=ArtifactRef(key="m0", sha256="00"))
+    assert state.rounds[0].merged == ArtifactRef(key="m0", sha256="00")
+    assert manifest(state)["merged_model"] is None  # listed once the migration is over
+    domain.on_synth_ready(state, start.follow(Subject.SYNTH_READY, SynthReady(
+        dataset=ArtifactRef(key="s1", rows=10), generated=10, kept=10), round=1))
+    out = score_round(state, start, 1, [100, 100, 95, 90], merged=ArtifactRef(key="m1", sha256="11"))
+    assert kinds(out) == [Subject.MIGRATION_COMPLETED] and state.done
+    assert manifest(state)["merged_model"] == ArtifactRef(key="m1", sha256="11").model_dump(mode="json")

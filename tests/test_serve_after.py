@@ -17,13 +17,12 @@ import pytest
 from openai import OpenAI
 
 from llamaduo.examples import Example
-from llamaduo.report import merged_key, merged_ref
 from llamaduo.services.inference.app import Servers, serve_completed
 from llamaduo.services.inference.domain import StudentGenerator
 from llamaduo.services.trainer.app import export_merged_round, train_round
 from llamaduo.serving import BackgroundServer, fetch_migration_model
 from llamaduo.spec import MigrationSpec, spec_to_dict
-from llamaduo.store import migration_key, spec_key
+from llamaduo.store import migration_key, round_key, spec_key
 from llamaduo.tasks.triage import make_dataset
 
 SYSTEM = "Route the ticket to one queue."
@@ -75,8 +74,9 @@ def test_completed_migration_is_served_and_answers_the_openai_client(  # type: i
     work = tmp_path / "train"
     _, adapter = train_round(store, spec, TRAIN, first, 0, work)
     merged = export_merged_round(store, spec, first, 0, work)
-    assert merged is not None and merged.key == merged_key(first, 0) == merged_ref(store, first, 0).key
-    assert merged_ref(store, first, 0) == merged and merged_ref(store, first, 1) is None
+    assert merged is not None and merged.key == round_key(first, 0, "merged")
+    assert store.exists(f"{merged.key}/_index.json")
+    assert not store.exists(f"{round_key(first, 1, 'merged')}/_index.json")
     assert export_merged_round(store, spec.model_copy(update={"student": spec.student.model_copy(
         update={"export_merged": False})}), first, 0, work) is None
 

@@ -39,6 +39,7 @@ class RoundState(BaseModel):
     train_rows: int
     synthetic_rows: int = 0
     adapter: ArtifactRef | None = None
+    merged: ArtifactRef | None = Field(default=None, description="Adapter merged into its base (export_merged)")
     train_loss: float | None = None
     predictions: ArtifactRef | None = None
     batches: int | None = None
@@ -131,6 +132,7 @@ def on_train_done(state: MigrationState, event: Envelope[TrainDone]) -> Outputs:
     if rnd is None or state.done:
         return []
     rnd.adapter = event.payload.adapter
+    rnd.merged = event.payload.merged
     rnd.train_loss = event.payload.train_loss
     return [_progress(state, event, event.round, Stage.INFERENCE)]
 

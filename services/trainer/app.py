@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 from llamaduo.bus import Bus, Delivery, WorkReturned
 from llamaduo.contracts import ArtifactRef, Subject, TrainDone, TrainProgress, TrainRequestEvent
 from llamaduo.examples import Example
-from llamaduo.report import merged_key
 from llamaduo.services.trainer.domain import TrainingStopped
 from llamaduo.spec import MigrationSpec
 from llamaduo.store import ArtifactStore, SpecCache, StoreError, round_key
@@ -228,7 +227,7 @@ def export_merged_round(
     store: ArtifactStore, spec: MigrationSpec, migration_id: str, round: int, work: Path
 ) -> ArtifactRef | None:
     """With ``student.export_merged`` (LoRA), merge the adapter trained in ``work/adapter`` into its base and
-    upload the standalone model folder to :func:`~llamaduo.report.merged_key`. None when the spec does not ask."""
+    upload the standalone model folder to ``round_key(mid, round, "merged")``. None when the spec does not ask."""
     if not spec.student.export_merged or spec.student.method != "lora":
         return None
     from llamaduo.services.trainer.domain import export_merged
@@ -236,7 +235,7 @@ def export_merged_round(
     out_dir = work / "merged"
     shutil.rmtree(out_dir, ignore_errors=True)
     export_merged(work / "adapter", out_dir)
-    return store.put_dir(merged_key(migration_id, round), out_dir)
+    return store.put_dir(round_key(migration_id, round, "merged"), out_dir)
 
 
 def register(bus: Bus, store: ArtifactStore) -> None:
