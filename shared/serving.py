@@ -48,10 +48,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llamaduo.services.inference.domain import stop_token_ids
 from llamaduo.services.trainer.domain import STUDENT_META_FILE, read_student_meta
 from llamaduo.spec import InferenceSpec, MigrationSpec, StudentSpec
-from llamaduo.student import ModelResolutionError, load_causal_lm, load_tokenizer, resolve_base_model
+from llamaduo.student import (
+    ModelResolutionError,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_base_model,
+    stop_token_ids,
+)
 
 if TYPE_CHECKING:
     from llamaduo.store import ArtifactStore

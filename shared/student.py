@@ -300,3 +300,12 @@ def prompt_messages(instruction: str, system_prompt: str = "") -> list[dict[str,
     """Chat messages of one prompt (system message only when ``system_prompt`` is set); train and infer agree."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [*messages, {"role": "user", "content": instruction}]
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that end an answer: the tokenizer's eos and ChatML's ``<|im_end|>`` when it has one."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)

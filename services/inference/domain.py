@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 from llamaduo.services.trainer.domain import read_student_meta
 from llamaduo.spec import InferenceSpec, StudentSpec
-from llamaduo.student import load_causal_lm, load_tokenizer, prompt_messages, resolve_base_model
+from llamaduo.student import load_causal_lm, load_tokenizer, prompt_messages, resolve_base_model, stop_token_ids
 
 #: LoRA ranks vLLM's engine can be configured for (``max_lora_rank``), smallest first.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -74,20 +74,15 @@ def load_generator(
     return StudentGenerator.load(student, model_dir, base_model_path=base_model_path)
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Ids that end an answer: the tokenizer's eos and ChatML's ``<|im_end|>`` when it has one."""
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
+def chat_text(tokenizer: Any, prompt: str, system_prompt: str = "") -> str:
+    """One prompt through the student's chat template, assistant turn opened (as in training)."""
+    return tokenizer.apply_chat_template(prompt_messages(prompt, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: str, system_prompt: str = "") -> list[int]:
-    """Token ids of one prompt through the student's chat template, assistant turn opened (as in training)."""
-    text = tokenizer.apply_chat_template(prompt_messages(prompt, system_prompt), tokenize=False,
-                                         add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of :func:`chat_text`."""
+    return list(tokenizer(chat_text(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"])
 
 
 class StudentGenerator:
@@ -150,21 +145,13 @@ class StudentGenerator:
             result.append(row[:cut])
         return result
 
-    def _chat_texts(self, prompts: list[str], system_prompt: str) -> list[str]:
-        return [
-            self.tokenizer.apply_chat_template(
-                prompt_messages(p, system_prompt), tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-
     def generate_tokens(self, prompts: list[str], system_prompt: str = "") -> list[list[list[int]]]:
         """Like :meth:`generate`, as token ids (new tokens only, up to the first stop token)."""
         import torch
 
         k = self.inference.samples_per_prompt
         sample = self.inference.temperature > 0
-        texts = self._chat_texts(prompts, system_prompt)
+        texts = [chat_text(self.tokenizer, p, system_prompt) for p in prompts]
         # Greedy answers are identical across samples: generate once, repeat K times.
         jobs = [t for t in texts for _ in range(k)] if sample else texts
         if sample:

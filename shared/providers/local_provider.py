@@ -33,6 +33,7 @@ from llamaduo.providers.base import Completion, CompletionRequest, Provider, Pro
 from llamaduo.providers.limits import CallGuard, Failure, RetryPolicy
 from llamaduo.providers.pricing import Price, price_for
 from llamaduo.spec import ProviderSpec, TaskSpec
+from llamaduo.student import stop_token_ids
 
 #: Appended to the last user message of a request with a JSON schema.
 SCHEMA_INSTRUCTION = "Reply with only a JSON object that follows this JSON schema:\n{schema}"
@@ -131,10 +132,10 @@ class LocalProvider(Provider):
         return max(1, limit)
 
     def _stop_ids(self) -> list[int]:
+        """The tokenizer's stop ids (:func:`~llamaduo.student.stop_token_ids`) and the model's configured eos."""
         configured = getattr(self.model.generation_config, "eos_token_id", None)
-        ids = set(configured if isinstance(configured, list) else [configured])
-        ids.add(self.tokenizer.eos_token_id)
-        return sorted(i for i in ids if isinstance(i, int))
+        extra = configured if isinstance(configured, list) else [configured]
+        return sorted(set(stop_token_ids(self.tokenizer)) | {i for i in extra if isinstance(i, int)})
 
     def _generate(self, ids: list[int], max_new: int, temperature: float, cancel: threading.Event) -> list[int]:
         """New token ids up to and including the first stop token (runs in a worker thread)."""
