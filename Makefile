@@ -34,7 +34,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 docs: setup
-	$(PY) -m llamaduo.contract_docs
+	$(PY) -m llamaduo.contracts.docs
 
 clean:
 	rm -rf $(VENV) .data

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import nats
 
-from llamaduo.bus import Bus, Delivery
-from llamaduo.contracts import JudgeItem, JudgeRequest, JudgeRequestEvent, Subject, start_envelope
-from llamaduo.servers import NatsServer
+from llamaduo.bus.broker import Bus, Delivery
+from llamaduo.contracts.events import JudgeItem, JudgeRequest, JudgeRequestEvent, Subject, start_envelope
+from llamaduo.runtime.local_servers import NatsServer
 from llamaduo.settings import Settings
 
 N_LATENCY = 300

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from llamaduo.contracts import (
+from llamaduo.contracts.events import (
     ArtifactRef,
     EvalScored,
     InferDone,
@@ -44,11 +44,11 @@ from llamaduo.contracts import (
     Usage,
     start_envelope,
 )
-from llamaduo.datasets import load_splits
+from llamaduo.contracts.spec import MigrationSpec, parse_spec
+from llamaduo.data.datasets import load_splits
 from llamaduo.providers.base import make_provider
 from llamaduo.services.controller import domain
 from llamaduo.services.judge.domain import JudgeCache, judge_items
-from llamaduo.spec import MigrationSpec, parse_spec
 
 #: per round: share of answers right, share malformed, how many fields a wrong answer gets wrong
 ROUNDS = [

@@ -53,9 +53,9 @@ def rows(split: str, n: int) -> list[dict[str, str]]:
 
 
 def part_train_ours() -> dict[str, Any]:
-    from llamaduo.examples import Example
+    from llamaduo.contracts.spec import StudentSpec
+    from llamaduo.data.examples import Example
     from llamaduo.services.trainer.domain import train
-    from llamaduo.spec import StudentSpec
 
     spec = StudentSpec.model_validate({
         "base_model": MODEL, "method": "lora", "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.05},
@@ -79,7 +79,7 @@ def part_train_bare() -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from llamaduo.student import resolve_base_model
+    from llamaduo.models.resolve import resolve_base_model
 
     path = resolve_base_model(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -119,9 +119,10 @@ def _prompts() -> list[str]:
 
 
 def part_infer_batched() -> dict[str, Any]:
+    from llamaduo.contracts.spec import InferenceSpec
+    from llamaduo.models.loading import load_causal_lm, load_tokenizer
+    from llamaduo.models.resolve import resolve_base_model
     from llamaduo.services.inference.domain import StudentGenerator
-    from llamaduo.spec import InferenceSpec
-    from llamaduo.student import load_causal_lm, load_tokenizer, resolve_base_model
 
     path = resolve_base_model(MODEL)
     generator = StudentGenerator(load_causal_lm(path).eval(), load_tokenizer(path),
@@ -139,7 +140,7 @@ def part_infer_loop() -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamaduo.student import resolve_base_model
+    from llamaduo.models.resolve import resolve_base_model
 
     path = resolve_base_model(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaduo.servers import NatsServer, S3Server
+from llamaduo.runtime.local_servers import NatsServer, S3Server
 from llamaduo.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,7 +85,7 @@ def settings(servers: Servers, tmp_path: Path) -> Settings:
     """Settings isolated per test: own subject prefix (so own stream and consumers) and work dir."""
     prefix = "t" + uuid.uuid4().hex[:8]
     s = servers.settings(subject_prefix=prefix, work_dir=tmp_path / "work")
-    from llamaduo.store import ArtifactStore
+    from llamaduo.storage.store import ArtifactStore
 
     ArtifactStore(s).ensure_bucket()
     return s
@@ -106,6 +106,6 @@ def triage_data(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(settings: Settings):  # type: ignore[no-untyped-def]
-    from llamaduo.store import ArtifactStore
+    from llamaduo.storage.store import ArtifactStore
 
     return ArtifactStore(settings)

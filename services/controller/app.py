@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamaduo.bus import Bus, Delivery
-from llamaduo.contracts import (
+from llamaduo.bus.broker import Bus, Delivery
+from llamaduo.contracts.events import (
     DeadLetter,
     Envelope,
     EvalScoredEvent,
@@ -25,11 +25,11 @@ from llamaduo.contracts import (
     SynthReadyEvent,
     TrainDoneEvent,
 )
-from llamaduo.datasets import DatasetError, load_splits
-from llamaduo.report import write_manifest
-from llamaduo.sequential import judging_closed_key
-from llamaduo.spec import SpecError, parse_spec
-from llamaduo.store import ArtifactStore, data_key, spec_key
+from llamaduo.contracts.spec import SpecError, parse_spec
+from llamaduo.data.datasets import DatasetError, load_splits
+from llamaduo.reporting.manifest import write_manifest
+from llamaduo.storage.keys import data_key, judging_closed_key, spec_key
+from llamaduo.storage.store import ArtifactStore
 
 from . import domain
 from .domain import DataRefs, MigrationState
@@ -92,7 +92,7 @@ def _prepare(store: ArtifactStore, migration_id: str, spec: Any) -> DataRefs:
 
 def _write_html_report(store: ArtifactStore, state: MigrationState, work_dir: Path) -> None:
     """The HTML report is for people: failing to draw it never fails the migration."""
-    from llamaduo.report_html import write_report
+    from llamaduo.reporting.html import write_report
 
     try:
         with tempfile.TemporaryDirectory(dir=_mkdir(work_dir)) as tmp:

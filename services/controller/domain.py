@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from llamaduo.contracts import (
+from llamaduo.contracts.events import (
     ArtifactRef,
     Envelope,
     EvalScored,
@@ -27,10 +27,10 @@ from llamaduo.contracts import (
     TrainRequest,
     Usage,
 )
-from llamaduo.scoring import aggregate
-from llamaduo.sequential import GateInterval, Verdict, sequential_decision
-from llamaduo.spec import MigrationSpec
-from llamaduo.store import migration_key
+from llamaduo.contracts.spec import MigrationSpec
+from llamaduo.services.controller.early_stopping import GateInterval, Verdict, sequential_decision
+from llamaduo.services.controller.gate import aggregate
+from llamaduo.storage.keys import migration_key
 
 
 class RoundState(BaseModel):

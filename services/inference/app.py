@@ -8,7 +8,7 @@ The shards are then joined into ``predictions.jsonl``, the file ``infer.done`` p
 loaded with the backend ``student.inference.backend`` picks (see ``load_generator`` in the domain module).
 
 ``migration.completed`` -> when the spec's ``serve.enabled`` is set, the migration's chosen model is served behind
-the OpenAI-compatible API of :mod:`llamaduo.serving` (as ``llamaduo serve --migration`` would), from a thread of
+the OpenAI-compatible API of :mod:`llamaduo.serving.server` (as ``llamaduo serve --migration`` would), from a thread of
 this service, on ``serve.host:serve.port`` under ``serve.model_name`` (default: the migration id). Migrations
 asking for the same address share one server: a later one adds its model, or replaces one of the same name. An
 address already in use is logged as an error and the service goes on. With several inference replicas, one of
@@ -24,8 +24,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from llamaduo.bus import Bus, Delivery, WorkReturned
-from llamaduo.contracts import (
+from llamaduo.bus.broker import Bus, Delivery, WorkReturned
+from llamaduo.contracts.events import (
     ArtifactRef,
     InferDone,
     JudgeItem,
@@ -34,10 +34,11 @@ from llamaduo.contracts import (
     Subject,
     TrainDoneEvent,
 )
-from llamaduo.examples import Example
-from llamaduo.serving import BackgroundServer, fetch_migration_model, migration_defaults
-from llamaduo.spec import MigrationSpec
-from llamaduo.store import ArtifactStore, SpecCache, data_key, round_key
+from llamaduo.contracts.spec import MigrationSpec
+from llamaduo.data.examples import Example
+from llamaduo.serving.server import BackgroundServer, fetch_migration_model, migration_defaults
+from llamaduo.storage.keys import data_key, round_key
+from llamaduo.storage.store import ArtifactStore, SpecCache
 
 log = logging.getLogger("llamaduo.inference")
 
@@ -82,7 +83,7 @@ def predict_in_shards(
     A stored shard is reused only when its items are those of its prompts (same ids, K each), so a changed
     test split or K regenerates it. Returns ``(items in test order, number of shards generated now)``.
     When ``should_stop()`` turns true (the service is shutting down) before a shard is generated,
-    :class:`~llamaduo.bus.WorkReturned` is raised: the shards stored so far are kept for the redelivery.
+    :class:`~llamaduo.bus.broker.WorkReturned` is raised: the shards stored so far are kept for the redelivery.
     """
     items: list[JudgeItem] = []
     generated = 0
@@ -144,7 +145,7 @@ def serve_completed(
 ) -> BackgroundServer | None:
     """Serve a completed migration's chosen model as its spec's ``serve`` section asks (blocking: loads it).
 
-    The model is fetched like ``llamaduo serve --migration`` does (:func:`~llamaduo.serving.fetch_migration_model`;
+    The model is fetched like ``llamaduo serve --migration`` does (``fetch_migration_model``;
     ``model_key``: the completion event's model) into ``cache``, then published on the server of
     ``(serve.host, serve.port)`` in ``servers`` (started on first use). Returns that server; None when the spec
     does not ask, or when the address is taken (logged as an error: the service goes on).

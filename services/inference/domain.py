@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from llamaduo.services.trainer.domain import read_student_meta
-from llamaduo.spec import InferenceSpec, StudentSpec
-from llamaduo.student import load_causal_lm, load_tokenizer, prompt_messages, resolve_base_model, stop_token_ids
+from llamaduo.contracts.spec import InferenceSpec, StudentSpec
+from llamaduo.models.generation import chat_prompt_ids, chat_text, stop_token_ids
+from llamaduo.models.loading import load_causal_lm, load_tokenizer, read_student_meta
+from llamaduo.models.resolve import resolve_base_model
 
 #: LoRA ranks vLLM's engine can be configured for (``max_lora_rank``), smallest first.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -72,17 +73,6 @@ def load_generator(
     if choose_backend(student.inference) == "vllm":
         return VLLMGenerator.load(student, model_dir, base_model_path=base_model_path)
     return StudentGenerator.load(student, model_dir, base_model_path=base_model_path)
-
-
-def chat_text(tokenizer: Any, prompt: str, system_prompt: str = "") -> str:
-    """One prompt through the student's chat template, assistant turn opened (as in training)."""
-    return tokenizer.apply_chat_template(prompt_messages(prompt, system_prompt), tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def chat_prompt_ids(tokenizer: Any, prompt: str, system_prompt: str = "") -> list[int]:
-    """Token ids of :func:`chat_text`."""
-    return list(tokenizer(chat_text(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"])
 
 
 class StudentGenerator:

@@ -2,9 +2,9 @@
 -> service-LLM judgements -> ``eval.scored``.
 
 A batch of a round whose judging the controller closed early (marker object
-``round-N/judging-closed``, see :mod:`llamaduo.sequential`) is acknowledged without a provider call and
-without a reply. With a budget in the spec, every call goes through the migration's spend ledger
-(:mod:`llamaduo.budget`); a refused call leaves its answers unjudged and the reply says
+``round-N/judging-closed``, see the controller's early stopping) is acknowledged without a provider call
+and without a reply. With a budget in the spec, every call goes through the migration's spend ledger
+(:mod:`llamaduo.providers.budget`); a refused call leaves its answers unjudged and the reply says
 ``budget_exhausted``.
 
 With ``judge.method: programmatic`` no provider is built: the checker named by ``judge.checker`` is
@@ -18,12 +18,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from llamaduo.budget import BudgetedProvider, has_limits, kv_ledger, with_budget
-from llamaduo.bus import Bus, Delivery, PermanentError
-from llamaduo.contracts import EvalScored, JudgeRequestEvent, Subject
+from llamaduo.bus.broker import Bus, Delivery, PermanentError
+from llamaduo.contracts.events import EvalScored, JudgeRequestEvent, Subject
 from llamaduo.providers.base import Provider, make_provider
-from llamaduo.sequential import judging_closed_key
-from llamaduo.store import ArtifactStore, SpecCache
+from llamaduo.providers.budget import BudgetedProvider, has_limits, kv_ledger, with_budget
+from llamaduo.storage.keys import judging_closed_key
+from llamaduo.storage.store import ArtifactStore, SpecCache
 
 if TYPE_CHECKING:
     from llamaduo.services.judge.domain import Checker

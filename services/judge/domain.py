@@ -1,7 +1,7 @@
 """The judge: the service LLM grades the student's answers against the reference answers (LLM-as-judge).
 
 Plain async code, no messaging: :func:`judge_items` takes answers and a provider and returns one
-:class:`~llamaduo.contracts.Score` per answer plus the service-LLM usage. It never raises for a bad
+:class:`~llamaduo.contracts.events.Score` per answer plus the service-LLM usage. It never raises for a bad
 answer or a failing provider; such answers come back as ``Score(failed=True, reason=...)``.
 
 The rubric follows the LlamaDuo paper: given the instruction, the reference answer and the candidate,
@@ -28,12 +28,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError, field_validator
 
-from llamaduo.budget import BudgetExhausted
-from llamaduo.contracts import JudgeItem, Score, Usage
-from llamaduo.plugins import import_ref
+from llamaduo.contracts.events import JudgeItem, Score, Usage
+from llamaduo.contracts.spec import JudgeSpec
+from llamaduo.data.scoring import field_shares, to_scale
+from llamaduo.data.text import normalise_text, parse_json_object, strip_code_fence
 from llamaduo.providers.base import ChatMessage, Completion, CompletionRequest, Provider, ProviderError
-from llamaduo.scoring import field_shares, normalise_text, parse_json_object, strip_code_fence, to_scale
-from llamaduo.spec import JudgeSpec
+from llamaduo.providers.budget import BudgetExhausted
+from llamaduo.tasks.plugins import import_ref
 
 JUDGE_SYSTEM_PROMPT = (
     "You are a strict and fair evaluator. You compare an answer written by an AI assistant (the candidate) "
@@ -352,14 +353,14 @@ def check_exact(instruction: str, reference: str, candidate: str) -> dict[str, A
 
 
 def check_normalised(instruction: str, reference: str, candidate: str) -> dict[str, Any]:
-    """100/100 when the texts are equal after :func:`~llamaduo.scoring.normalise_text`, else 1/1."""
+    """100/100 when the texts are equal after :func:`~llamaduo.data.text.normalise_text`, else 1/1."""
     same = normalise_text(candidate) == normalise_text(reference)
     return {"similarity": 100 if same else 1, "precision": 100 if same else 1,
             "reason": "normalised match" if same else "differs from the reference after normalisation"}
 
 
 def check_json_fields(instruction: str, reference: str, candidate: str) -> dict[str, Any]:
-    """JSON objects field by field (:func:`~llamaduo.scoring.field_shares`): similarity is the share of the
+    """JSON objects field by field (:func:`~llamaduo.data.scoring.field_shares`): similarity is the share of the
     reference's fields the candidate got right, precision the share of the candidate's fields that are
     right. A candidate that is not a JSON object scores 1/1; a reference that is not one raises
     :class:`CheckerError` (the item cannot be checked this way)."""

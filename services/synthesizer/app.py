@@ -2,7 +2,7 @@
 decontaminated -> dataset to S3 -> ``synth.ready``.
 
 With a budget in the spec, every teacher call goes through the migration's spend ledger
-(:mod:`llamaduo.budget`): a call that could exceed it is not made, and ``synth.ready`` says
+(:mod:`llamaduo.providers.budget`): a call that could exceed it is not made, and ``synth.ready`` says
 ``budget_exhausted`` (with whatever was kept before).
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 
-from llamaduo.budget import BudgetedProvider, has_limits, kv_ledger, with_budget
-from llamaduo.bus import Bus, Delivery
-from llamaduo.contracts import Subject, SynthReady, SynthRequestEvent
-from llamaduo.examples import Example
+from llamaduo.bus.broker import Bus, Delivery
+from llamaduo.contracts.events import Subject, SynthReady, SynthRequestEvent
+from llamaduo.data.examples import Example
 from llamaduo.providers.base import make_provider
-from llamaduo.store import ArtifactStore, SpecCache, data_key, round_key
+from llamaduo.providers.budget import BudgetedProvider, has_limits, kv_ledger, with_budget
+from llamaduo.storage.keys import data_key, round_key
+from llamaduo.storage.store import ArtifactStore, SpecCache
 
 SYNTHESIS = Delivery(max_deliver=4, ack_wait=60.0, backoff=(2.0, 10.0, 30.0))
 

@@ -18,8 +18,8 @@ raised) and keeps only examples that pass the filters, each removal counted by r
   at or above that threshold, which catches reworded copies;
 * ``excess``: rows beyond what a call asked for.
 
-The embedding checks (:class:`EmbeddingFilter`, model in :mod:`llamaduo.embeddings`) are off by default
-(measured in ``tests/test_synthesis_embeddings.py``): on templated instructions such as the invoice demo,
+The embedding checks (:class:`EmbeddingFilter`, model in :mod:`llamaduo.data.embeddings`) are off by default
+(measured in ``tests/services/synthesizer/test_embeddings.py``): on templated instructions such as the invoice demo,
 genuinely new items are as close to the test split (cosine up to about 0.95) as paraphrases of test items
 are (0.63 to 0.93), so no threshold separates them; on free-text questions a threshold of 0.5 removes
 every planted paraphrase and no off-topic question, but also most new questions on a test item's topic.
@@ -41,12 +41,12 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, Field
 
-from llamaduo.contracts import SynthRequest, Usage
-from llamaduo.embeddings import SentenceEmbedder, get_embedder, max_cosine
-from llamaduo.examples import Example, example_id
+from llamaduo.contracts.events import SynthRequest, Usage
+from llamaduo.contracts.spec import SynthesisSpec
+from llamaduo.data.embeddings import SentenceEmbedder, get_embedder, max_cosine
+from llamaduo.data.examples import Example, example_id
+from llamaduo.data.text import normalise_text, strip_code_fence, tokenize
 from llamaduo.providers.base import ChatMessage, CompletionRequest, Provider, ProviderError
-from llamaduo.scoring import normalise_text, strip_code_fence, tokenize
-from llamaduo.spec import SynthesisSpec
 
 DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.9
 SHINGLE_WORDS = 3
@@ -511,8 +511,8 @@ async def synthesize(
 
     With ``spec.embedding_decontamination_threshold`` or ``spec.embedding_near_duplicate_threshold`` set,
     the embedding checks run with ``embedder`` (default: the process-wide packaged model, see
-    :func:`llamaduo.embeddings.get_embedder`; a missing model raises
-    :class:`llamaduo.embeddings.EmbeddingModelMissing` before any call is made).
+    :func:`llamaduo.data.embeddings.get_embedder`; a missing model raises
+    :class:`llamaduo.data.embeddings.EmbeddingModelMissing` before any call is made).
     """
     target = request.samples if request.samples > 0 else spec.samples_per_round
     rng = random.Random(seed * 1_000_003 + round)

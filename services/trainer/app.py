@@ -23,12 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llamaduo.bus import Bus, Delivery, WorkReturned
-from llamaduo.contracts import ArtifactRef, Subject, TrainDone, TrainProgress, TrainRequestEvent
-from llamaduo.examples import Example
+from llamaduo.bus.broker import Bus, Delivery, WorkReturned
+from llamaduo.contracts.events import ArtifactRef, Subject, TrainDone, TrainProgress, TrainRequestEvent
+from llamaduo.contracts.spec import MigrationSpec
+from llamaduo.data.examples import Example
 from llamaduo.services.trainer.domain import TrainingStopped
-from llamaduo.spec import MigrationSpec
-from llamaduo.store import ArtifactStore, SpecCache, StoreError, round_key
+from llamaduo.storage.keys import round_key
+from llamaduo.storage.store import ArtifactStore, SpecCache, StoreError
 
 if TYPE_CHECKING:
     from llamaduo.services.trainer.domain import TrainProgressInfo, TrainResult

@@ -19,14 +19,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from llamaduo.examples import Example
-from llamaduo.spec import StudentSpec
-from llamaduo.student import load_causal_lm, load_tokenizer, prompt_messages, resolve_base_model
+from llamaduo.contracts.spec import StudentSpec
+from llamaduo.data.examples import Example
+from llamaduo.models.generation import prompt_messages
+from llamaduo.models.loading import STUDENT_META_FILE, load_causal_lm, load_tokenizer, read_student_meta
+from llamaduo.models.resolve import resolve_base_model
 
 log = logging.getLogger(__name__)
 
-#: File in a trained student's folder describing how to load it.
-STUDENT_META_FILE = "llamaduo_student.json"
 #: With a checkpoint folder, a checkpoint is saved at most this often (a killed run loses less than this).
 CHECKPOINT_EVERY_S = 60.0
 
@@ -41,7 +41,7 @@ class TrainingStopped(Exception):
 
 
 class TrainProgressInfo(BaseModel):
-    """One progress report (same fields as :class:`llamaduo.contracts.TrainProgress`)."""
+    """One progress report (same fields as :class:`llamaduo.contracts.events.TrainProgress`)."""
 
     step: int
     total_steps: int
@@ -86,14 +86,6 @@ def build_dataset(examples: list[Example], system_prompt: str) -> Any:
             for ex in examples
         ]
     )
-
-
-def read_student_meta(model_dir: Path) -> dict[str, Any]:
-    """The :data:`STUDENT_META_FILE` of a trained student folder."""
-    path = Path(model_dir) / STUDENT_META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a trained student folder: {STUDENT_META_FILE} is missing")
-    return json.loads(path.read_text())
 
 
 def _progress_callback(progress: Callable[[TrainProgressInfo], None] | None, losses: list[float]) -> Any:

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from llamaduo.spec import ProviderSpec, TaskSpec
+from llamaduo.contracts.spec import ProviderSpec, TaskSpec
+from llamaduo.errors import ProviderError
 
 
 class ChatMessage(BaseModel):
@@ -36,15 +37,6 @@ class Completion(BaseModel):
     cost: float = 0.0
     model: str = ""
     cached: bool = False
-
-
-class ProviderError(RuntimeError):
-    """A call that failed after the provider's own retries. ``retryable`` tells the caller if asking
-    again later may work."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
 
 
 class Provider(ABC):

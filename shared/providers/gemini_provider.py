@@ -26,6 +26,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from llamaduo.contracts.spec import ProviderSpec, TaskSpec
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError, estimate_tokens
 from llamaduo.providers.limits import (
     CallGuard,
@@ -37,7 +38,6 @@ from llamaduo.providers.limits import (
     parse_retry_after,
 )
 from llamaduo.providers.pricing import price_for
-from llamaduo.spec import ProviderSpec, TaskSpec
 
 
 def _transport_errors() -> tuple[tuple[type[BaseException], ...], ...]:

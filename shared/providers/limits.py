@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
+from llamaduo.contracts.spec import ProviderSpec, RateLimits
 from llamaduo.providers.base import ProviderError
-from llamaduo.spec import ProviderSpec, RateLimits
 
 log = logging.getLogger(__name__)
 

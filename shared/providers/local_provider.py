@@ -1,6 +1,6 @@
 """A service LLM on this machine: a transformers causal LM (``provider: local``).
 
-``model`` names it like a student's base model (:func:`llamaduo.student.resolve_base_model`): a local
+``model`` names it like a student's base model (:func:`llamaduo.models.resolve.resolve_base_model`): a local
 folder, a Hugging Face id (downloaded, or from the local cache with ``HF_HUB_OFFLINE=1``), ``smollm2-135m``
 or ``tiny:<preset>``. It is loaded on the first call (in a worker thread), on the GPU when there is one.
 
@@ -9,7 +9,7 @@ or ``tiny:<preset>``. It is loaded on the first call (in a worker thread), on th
   output mode, so a small one may still answer badly (the judge and the synthesizer re-ask and record the
   failures).
 * Greedy decoding at temperature 0, sampling above; at most ``max_tokens`` new tokens (else
-  :data:`~llamaduo.budget.DEFAULT_REPLY_TOKENS`), and never beyond the model's context.
+  :data:`~llamaduo.providers.budget.DEFAULT_REPLY_TOKENS`), and never beyond the model's context.
 * Generation runs in a worker thread, one at a time (an :class:`asyncio.Lock`), so the event loop stays
   free and concurrent calls queue. Each generation is bounded by ``timeout_seconds`` (waiting in the queue
   does not count; a timed-out generation is told to stop at its next token, and the next call waits for
@@ -28,12 +28,12 @@ import json
 import threading
 from typing import Any
 
-from llamaduo.budget import DEFAULT_REPLY_TOKENS
+from llamaduo.contracts.spec import ProviderSpec, TaskSpec
+from llamaduo.models.generation import stop_token_ids
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError
+from llamaduo.providers.budget import DEFAULT_REPLY_TOKENS
 from llamaduo.providers.limits import CallGuard, Failure, RetryPolicy
 from llamaduo.providers.pricing import Price, price_for
-from llamaduo.spec import ProviderSpec, TaskSpec
-from llamaduo.student import stop_token_ids
 
 #: Appended to the last user message of a request with a JSON schema.
 SCHEMA_INSTRUCTION = "Reply with only a JSON object that follows this JSON schema:\n{schema}"
@@ -60,7 +60,8 @@ class LocalProvider(Provider):
         """Load the model and tokenizer now (blocking); raise :class:`ProviderError` when they cannot be."""
         if self.model is not None and self.tokenizer is not None:
             return
-        from llamaduo.student import load_causal_lm, load_tokenizer, resolve_base_model
+        from llamaduo.models.loading import load_causal_lm, load_tokenizer
+        from llamaduo.models.resolve import resolve_base_model
 
         try:
             path = resolve_base_model(self.spec.model)
@@ -132,7 +133,7 @@ class LocalProvider(Provider):
         return max(1, limit)
 
     def _stop_ids(self) -> list[int]:
-        """The tokenizer's stop ids (:func:`~llamaduo.student.stop_token_ids`) and the model's configured eos."""
+        """The tokenizer's stop ids (:func:`~llamaduo.models.generation.stop_token_ids`) and the model's eos."""
         configured = getattr(self.model.generation_config, "eos_token_id", None)
         extra = configured if isinstance(configured, list) else [configured]
         return sorted(set(stop_token_ids(self.tokenizer)) | {i for i in extra if isinstance(i, int)})

@@ -33,6 +33,7 @@ import openai
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 
+from llamaduo.contracts.spec import ProviderSpec, TaskSpec
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError, estimate_tokens
 from llamaduo.providers.limits import (
     CallGuard,
@@ -45,7 +46,6 @@ from llamaduo.providers.limits import (
 )
 from llamaduo.providers.openai_batch import BatchLineError, OpenAIBatcher
 from llamaduo.providers.pricing import price_for
-from llamaduo.spec import ProviderSpec, TaskSpec
 
 log = logging.getLogger(__name__)
 

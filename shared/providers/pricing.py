@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from llamaduo.spec import ProviderSpec
+from llamaduo.contracts.spec import ProviderSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ It reads the structured ``context`` of a request (the prompt's inputs) instead o
 
 * ``purpose="judge"``: ``context`` has ``instruction``, ``reference``, ``candidate``; the answer is the JSON
   ``{"similarity": int, "precision": int, "reason": str}`` from ``oracle.score`` (or
-  :func:`llamaduo.scoring.score_answer` when the oracle has none).
+  :func:`llamaduo.data.scoring.score_answer` when the oracle has none).
 * ``purpose="synthesize"``: ``context`` has ``seeds`` (Example mappings), ``n`` and ``seed``; the answer is
   ``{"examples": [{"instruction", "response"}, ...]}`` from ``oracle.propose`` and ``oracle.answer``.
 * ``purpose="chat"``: the oracle's answer to the last user message.
@@ -20,11 +20,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llamaduo.examples import Example, example_id
-from llamaduo.oracle import TaskOracle, load_oracle
+from llamaduo.contracts.spec import ProviderSpec, TaskSpec
+from llamaduo.data.examples import Example, example_id
+from llamaduo.data.scoring import score_answer
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError, estimate_tokens
-from llamaduo.scoring import score_answer
-from llamaduo.spec import ProviderSpec, TaskSpec
+from llamaduo.tasks.oracle import TaskOracle, load_oracle
 
 
 class SimulatedProvider(Provider):
@@ -34,7 +34,7 @@ class SimulatedProvider(Provider):
 
     def __init__(self, spec: ProviderSpec, task: TaskSpec) -> None:
         """Load the oracle named by ``task.oracle``; raise :class:`ProviderError` if there is none,
-        :class:`llamaduo.oracle.OracleError` if it cannot be loaded."""
+        :class:`llamaduo.tasks.oracle.OracleError` if it cannot be loaded."""
         super().__init__(spec, task)
         if not task.oracle:
             raise ProviderError("the simulated provider needs task.oracle ('module:attribute')")

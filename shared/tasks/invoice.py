@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamaduo.examples import Example, example_id
-from llamaduo.scoring import score_answer
+from llamaduo.data.examples import Example, example_id
+from llamaduo.data.scoring import score_answer
 
 DEFAULT_SEED = 2408
 DATA_PATH = Path(__file__).parent / "data" / "invoice.jsonl"
@@ -403,7 +403,7 @@ def extract(instruction: str) -> dict[str, Any]:
 
 
 class InvoiceOracle:
-    """Deterministic oracle for invoice extraction (see :class:`llamaduo.oracle.ScoringOracle`)."""
+    """Deterministic oracle for invoice extraction (see :class:`llamaduo.tasks.oracle.ScoringOracle`)."""
 
     name = "invoice-extraction"
 
@@ -432,7 +432,7 @@ class InvoiceOracle:
         return json.dumps(extract(instruction), ensure_ascii=False)
 
     def score(self, instruction: str, reference: str, candidate: str) -> tuple[float, float]:
-        """Field-level ``(similarity, precision)`` in 1..100 (see :func:`llamaduo.scoring.score_answer`)."""
+        """Field-level ``(similarity, precision)`` in 1..100 (see :func:`llamaduo.data.scoring.score_answer`)."""
         return score_answer(reference, candidate)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 
-from llamaduo.examples import Example, example_id
+from llamaduo.data.examples import Example, example_id
 
 QUEUES: dict[str, list[str]] = {
     "billing": ["invoice", "refund", "charge", "payment"],
@@ -36,7 +36,7 @@ def make_ticket(rng: random.Random, queue: str) -> str:
 
 
 class TriageOracle:
-    """Deterministic oracle for the triage task (see :class:`llamaduo.oracle.TaskOracle`)."""
+    """Deterministic oracle for the triage task (see :class:`llamaduo.tasks.oracle.TaskOracle`)."""
 
     name = "ticket-triage"
 

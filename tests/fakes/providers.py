@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from llamaduo.contracts.spec import ProviderSpec, TaskSpec
 from llamaduo.providers.base import Completion, CompletionRequest, Provider
-from llamaduo.spec import ProviderSpec, TaskSpec
 
 
 class Scripted(Provider):

@@ -1,0 +1,1 @@
+"""The `llamaduo` command line."""

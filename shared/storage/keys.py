@@ -1,0 +1,48 @@
+"""Every object key of a migration, in one place.
+
+Keys live under ``migrations/{migration_id}/...`` and are built only from validated ids and checked parts, so a
+migration cannot address another one's objects.
+"""
+
+from __future__ import annotations
+
+import re
+
+from llamaduo.contracts.events import validate_migration_id
+from llamaduo.errors import StoreError
+
+_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _check_part(part: str) -> str:
+    if not _PART_RE.fullmatch(part) or ".." in part:
+        raise StoreError(f"artifact key part {part!r} is not allowed (letters, digits, '.', '_', '-' only)")
+    return part
+
+
+def migration_key(migration_id: str, *parts: str) -> str:
+    """``migrations/{id}/{parts...}`` with every part checked."""
+    validate_migration_id(migration_id)
+    return "/".join(["migrations", migration_id, *(_check_part(p) for p in parts)])
+
+
+def round_key(migration_id: str, round: int, *parts: str) -> str:
+    return migration_key(migration_id, f"round-{int(round)}", *parts)
+
+
+def spec_key(migration_id: str) -> str:
+    return migration_key(migration_id, "spec.json")
+
+
+def data_key(migration_id: str, split: str) -> str:
+    return migration_key(migration_id, "data", f"{split}.jsonl")
+
+
+#: Object written (by the controller) when a round's judging is closed before all its batches were judged;
+#: judge workers skip batches of such a round.
+JUDGING_CLOSED = "judging-closed"
+
+
+def judging_closed_key(migration_id: str, round: int) -> str:
+    """S3 key of the marker saying the round's judging is closed: remaining batches are not judged."""
+    return round_key(migration_id, round, JUDGING_CLOSED)
