@@ -63,7 +63,7 @@ def _stored_shard(store: ArtifactStore, key: str, expected_ids: list[str]) -> li
     """The items of a stored shard, or None when it is absent or is not the shard of these prompts."""
     if not store.exists(key):
         return None
-    items = [JudgeItem.model_validate(r) for r in store.iter_jsonl(key)]
+    items = store.read_models(key, JudgeItem)
     return items if [i.item_id for i in items] == expected_ids else None
 
 
@@ -186,7 +186,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         """Generate K answers per test prompt with the new adapter and hand them to the judges."""
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         test = await asyncio.to_thread(
-            lambda: [Example.model_validate(r) for r in store.iter_jsonl(data_key(event.migration_id, "test"))])
+            store.read_models, data_key(event.migration_id, "test"), Example)
         model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}"
         items, predictions = await asyncio.to_thread(
             predict_round, store, spec, test, event.migration_id, event.round, event.payload.adapter.key, model_dir,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import json
 import math
 from collections import OrderedDict
@@ -34,7 +33,7 @@ from llamaduo.data.scoring import field_shares, to_scale
 from llamaduo.data.text import normalise_text, parse_json_object, strip_code_fence
 from llamaduo.providers.base import ChatMessage, Completion, CompletionRequest, Provider, ProviderError
 from llamaduo.providers.budget import BudgetExhausted
-from llamaduo.tasks.plugins import import_ref
+from llamaduo.tasks.plugins import CheckerError, load_user_checker
 
 JUDGE_SYSTEM_PROMPT = (
     "You are a strict and fair evaluator. You compare an answer written by an AI assistant (the candidate) "
@@ -341,10 +340,6 @@ async def judge_items(
 Checker = Callable[[str, str, str], Any]
 
 
-class CheckerError(ValueError):
-    """A ``judge.checker`` that cannot be used, or a built-in checker that cannot score an item."""
-
-
 def check_exact(instruction: str, reference: str, candidate: str) -> dict[str, Any]:
     """100/100 when the candidate equals the reference (surrounding whitespace ignored), else 1/1."""
     same = candidate.strip() == reference.strip()
@@ -390,24 +385,12 @@ CHECKERS: dict[str, Checker] = {
 def load_checker(ref: str) -> Checker:
     """The checker named by ``judge.checker``: a built-in name or ``package.module:function``.
 
-    A user function is imported and must accept ``(instruction, reference, candidate)``; raise
-    :class:`CheckerError` naming the spec field and what is wrong otherwise.
+    A user function is loaded by :func:`~llamaduo.tasks.plugins.load_user_checker` (which raises
+    :class:`~llamaduo.tasks.plugins.CheckerError` naming the spec field and what is wrong).
     """
     if ref in CHECKERS:
         return CHECKERS[ref]
-    where = f"judge.checker {ref!r}"
-    if ":" not in ref:
-        raise CheckerError(f"{where}: must be one of {sorted(CHECKERS)} or 'package.module:function'")
-    function = import_ref(ref, where, CheckerError)
-    if not callable(function):
-        raise CheckerError(f"{where}: it is a {type(function).__name__}, not a function")
-    try:
-        inspect.signature(function).bind("instruction", "reference", "candidate")
-    except TypeError as err:
-        raise CheckerError(f"{where}: must accept (instruction, reference, candidate): {err}") from None
-    except ValueError:  # no signature to inspect (some built-ins): calling it will tell
-        pass
-    return function
+    return load_user_checker(ref)
 
 
 def as_judgement(result: Any) -> Judgement:

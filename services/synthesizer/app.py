@@ -24,17 +24,14 @@ SYNTHESIS = Delivery(max_deliver=4, ack_wait=60.0, backoff=(2.0, 10.0, 30.0))
 def register(bus: Bus, store: ArtifactStore) -> None:
     specs = SpecCache(store)
 
-    def load(migration_id: str, split: str) -> list[Example]:
-        return [Example.model_validate(r) for r in store.iter_jsonl(data_key(migration_id, split))]
-
     @bus.consumer(Subject.SYNTH_REQUEST, "synthesizer", SYNTHESIS)
     async def on_synth_request(event: SynthRequestEvent) -> None:
         """Ask the teacher for new training data like the train-split seeds."""
         from llamaduo.services.synthesizer.domain import synthesize
 
         spec = await asyncio.to_thread(specs.get, event.migration_id)
-        train = await asyncio.to_thread(load, event.migration_id, "train")
-        test = await asyncio.to_thread(load, event.migration_id, "test")
+        train = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "train"), Example)
+        test = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "test"), Example)
         ledger = await kv_ledger(bus, event.migration_id) if has_limits(spec.budget) else None
         provider = with_budget(make_provider(spec.teacher, spec.task), spec.budget, ledger)
         try:

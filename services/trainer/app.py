@@ -248,8 +248,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         rows: list[Example] = []
         for ref in event.payload.datasets:
-            rows.extend(await asyncio.to_thread(
-                lambda key=ref.key: [Example.model_validate(r) for r in store.iter_jsonl(key)]))
+            rows.extend(await asyncio.to_thread(store.read_models, ref.key, Example))
         work = bus.settings.work_dir / "trainer" / event.migration_id / f"round-{event.round}"
         loop = asyncio.get_running_loop()
         last = [0.0]

@@ -165,7 +165,9 @@ def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
     log = sys.stderr if args.json else sys.stdout
     embedded = None
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a stopped CLI stops its embedded installation too
-    if args.embedded and (problems := _plugin_problems(spec)):  # the embedded services run on this machine
+    from llamaduo.tasks.plugins import spec_code_problems
+
+    if args.embedded and (problems := spec_code_problems(spec)):  # the embedded services run on this machine
         return _err("user code named in the spec cannot be loaded:\n" + "\n".join(f"  - {p}" for p in problems))
     try:
         if args.embedded:
@@ -220,25 +222,6 @@ def cmd_service(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plugin_problems(spec: Any) -> list[str]:
-    """The spec's user code (task oracle, judge checker) that cannot be loaded on this machine."""
-    from llamaduo.services.judge.domain import CheckerError, load_checker
-    from llamaduo.tasks.oracle import OracleError, load_oracle
-
-    problems = []
-    if spec.task.oracle:
-        try:
-            load_oracle(spec.task.oracle)
-        except OracleError as err:
-            problems.append(str(err))
-    if spec.judge.method == "programmatic":
-        try:
-            load_checker(spec.judge.checker)
-        except CheckerError as err:
-            problems.append(str(err))
-    return problems
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from llamaduo.contracts.spec import SpecError, load_spec
 
@@ -246,7 +229,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
     except SpecError as err:
         return _err(str(err))
-    problems = _plugin_problems(spec)
+    from llamaduo.tasks.plugins import spec_code_problems
+
+    problems = spec_code_problems(spec)
     if problems:
         return _err(f"{args.spec}: user code named in the spec cannot be loaded here (the services that use it "
                     "need it too):\n" + "\n".join(f"  - {p}" for p in problems))

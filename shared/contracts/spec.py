@@ -157,6 +157,9 @@ class ProviderSpec(_Strict):
         return self
 
 
+#: Checkers the judge has built in (``judge.checker``); anything else names user code.
+BUILTIN_CHECKERS = ("exact", "normalised", "json_fields")
+
 AggregateName = Literal["similarity_mean", "precision_mean", "coverage_50", "coverage_70"]
 
 
@@ -192,7 +195,7 @@ class JudgeSpec(_Strict):
     @classmethod
     def _checker(cls, value: str) -> str:
         value = value.strip()
-        if value in ("exact", "normalised", "json_fields"):
+        if value in BUILTIN_CHECKERS:
             return value
         module, _, attr = value.partition(":")
         parts = [*module.split("."), attr]

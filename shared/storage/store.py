@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -24,6 +24,7 @@ from llamaduo.settings import Settings
 from llamaduo.storage.keys import spec_key
 
 _CHUNK = 1 << 20
+M = TypeVar("M", bound=BaseModel)
 
 
 def sha256_file(path: Path) -> str:
@@ -142,6 +143,10 @@ class ArtifactStore:
         finally:
             resp.close()
             resp.release_conn()
+
+    def read_models(self, key: str, model: type[M]) -> list[M]:
+        """Every row of a JSONL object, validated as ``model`` (e.g. the examples of a dataset split)."""
+        return [model.model_validate(row) for row in self.iter_jsonl(key)]
 
     # ---------------------------------------------------------------- folders (adapters, models)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from llamaduo.data.examples import Example
+from llamaduo.errors import SpecError
 from llamaduo.tasks.plugins import import_ref
 
 
@@ -39,8 +40,8 @@ class ScoringOracle(TaskOracle, Protocol):
         ...
 
 
-class OracleError(ValueError):
-    pass
+class OracleError(SpecError):
+    """A ``task.oracle`` that cannot be loaded or lacks the oracle methods."""
 
 
 def load_oracle(ref: str) -> TaskOracle:
