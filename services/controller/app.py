@@ -26,13 +26,13 @@ from llamaduo.contracts.events import (
     TrainDoneEvent,
 )
 from llamaduo.contracts.spec import SpecError, parse_spec
+from llamaduo.contracts.state import DataRefs, MigrationState
 from llamaduo.data.datasets import DatasetError, load_splits
 from llamaduo.reporting.manifest import write_manifest
 from llamaduo.storage.keys import data_key, judging_closed_key, spec_key
 from llamaduo.storage.store import ArtifactStore
 
 from . import domain
-from .domain import DataRefs, MigrationState
 
 log = logging.getLogger("llamaduo.controller")
 

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamaduo.contracts.state import MigrationState
 from llamaduo.storage.keys import migration_key
 from llamaduo.storage.store import ArtifactStore
 
 
-def _best(state: Any) -> Any:
-    """The chosen round once the migration is over, else None."""
-    return state.best_round() if state.done else None
-
-
-def manifest(state: Any) -> dict[str, Any]:
+def manifest(state: MigrationState) -> dict[str, Any]:
     """Lineage: which datasets trained which adapter, which predictions were judged by whom, with hashes.
 
-    Once the migration is over, ``merged_model`` is the chosen round's merged model (``student.export_merged``).
+    ``best_round`` is the number of the round whose adapter the migration hands over (the best so far while
+    it runs, None before a round is scored): :meth:`MigrationState.best_round`, the one rule for it, which the
+    HTML report reads from here. Once the migration is over, ``merged_model`` is that round's merged model
+    (``student.export_merged``).
     """
-    best = _best(state)
+    best = state.best_round()
     return {
         "migration_id": state.migration_id,
         "stage": str(state.stage),
@@ -36,16 +35,17 @@ def manifest(state: Any) -> dict[str, Any]:
             }
             for r in state.rounds
         ],
+        "best_round": best.round if best else None,
         "usage": state.usage.model_dump(mode="json"),
-        "merged_model": best.merged.model_dump(mode="json") if best and best.merged else None,
+        "merged_model": best.merged.model_dump(mode="json") if state.done and best and best.merged else None,
     }
 
 
-def write_manifest(store: ArtifactStore, state: Any) -> None:
+def write_manifest(store: ArtifactStore, state: MigrationState) -> None:
     """Write the manifest; once the migration is over, also the summary report."""
-    best = _best(state)
     store.put_json(migration_key(state.migration_id, "manifest.json"), manifest(state))
     if state.done:
+        best = state.best_round()
         store.put_json(migration_key(state.migration_id, "report.json"), {
             "migration_id": state.migration_id,
             "outcome": state.outcome,

@@ -17,6 +17,7 @@ from llamaduo.contracts.events import (
     start_envelope,
 )
 from llamaduo.contracts.spec import parse_spec
+from llamaduo.contracts.state import DataRefs, MigrationState
 from llamaduo.services.controller import domain
 
 SPEC = {
@@ -26,7 +27,7 @@ SPEC = {
     "judge": {"gate": "similarity_mean", "threshold": 90},
     "budget": {"max_rounds": 3},
 }
-DATA = domain.DataRefs(train=ArtifactRef(key="t", rows=20), coverage=ArtifactRef(key="c", rows=4),
+DATA = DataRefs(train=ArtifactRef(key="t", rows=20), coverage=ArtifactRef(key="c", rows=4),
                        test=ArtifactRef(key="s", rows=4))
 
 
@@ -124,7 +125,7 @@ def test_token_budget_stops_the_loop():
 def test_state_survives_serialisation():
     start, state, _ = begin()
     score_round(state, start, 0, [100, 1, 100, 1])
-    again = domain.MigrationState.model_validate_json(state.model_dump_json())
+    again = MigrationState.model_validate_json(state.model_dump_json())
     assert again == state and again.rounds[0].scores[1][0].item_id == "i2"
 
 
@@ -157,8 +158,10 @@ def test_the_chosen_rounds_merged_model_is_kept_and_listed():
     score_round(state, start, 0, [1, 1, 1, 1], merged=ArtifactRef(key="m0", sha256="00"))
     assert state.rounds[0].merged == ArtifactRef(key="m0", sha256="00")
     assert manifest(state)["merged_model"] is None  # listed once the migration is over
+    assert manifest(state)["best_round"] == 0  # the best so far, from MigrationState.best_round
     domain.on_synth_ready(state, start.follow(Subject.SYNTH_READY, SynthReady(
         dataset=ArtifactRef(key="s1", rows=10), generated=10, kept=10), round=1))
     out = score_round(state, start, 1, [100, 100, 95, 90], merged=ArtifactRef(key="m1", sha256="11"))
     assert kinds(out) == [Subject.MIGRATION_COMPLETED] and state.done
     assert manifest(state)["merged_model"] == ArtifactRef(key="m1", sha256="11").model_dump(mode="json")
+    assert manifest(state)["best_round"] == 1

@@ -26,6 +26,7 @@ from llamaduo.contracts.events import (
     start_envelope,
 )
 from llamaduo.contracts.spec import parse_spec
+from llamaduo.contracts.state import DataRefs, MigrationState
 from llamaduo.providers.base import Completion, CompletionRequest, Provider
 from llamaduo.services.controller import domain
 from llamaduo.services.controller.early_stopping import (
@@ -43,7 +44,7 @@ SPEC = {
     "judge": {"gate": "similarity_mean", "threshold": 90, "batch_size": 10},
     "budget": {"max_rounds": 3},
 }
-DATA = domain.DataRefs(train=ArtifactRef(key="t", rows=20), coverage=ArtifactRef(key="c", rows=4),
+DATA = DataRefs(train=ArtifactRef(key="t", rows=20), coverage=ArtifactRef(key="c", rows=4),
                        test=ArtifactRef(key="s", rows=40))
 
 
@@ -189,7 +190,7 @@ def test_batches_after_an_early_close_are_ignored_but_their_usage_counts_once():
     assert state.rounds[0].summary == before and sorted(state.rounds[0].scores) == [0]
     assert state.usage.input_tokens == 100 + 7 and state.rounds[0].late_batches == [1]
     assert state.stage == Stage.SYNTHESIS
-    again = domain.MigrationState.model_validate_json(state.model_dump_json())
+    again = MigrationState.model_validate_json(state.model_dump_json())
     assert again == state
     # infer.done arriving after the early close changes nothing either
     domain.on_infer_done(state, start.follow(Subject.INFER_DONE, InferDone(

@@ -68,6 +68,7 @@ def make_manifest(task: str = "invoice-extraction", teacher: str = "simulated") 
         },
         "data": None,
         "rounds": rounds,
+        "best_round": 2,
         "usage": total,
     }
 
