@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 from llamaduo.bus.broker import Bus, Delivery, PermanentError
 from llamaduo.contracts.events import EvalScored, JudgeRequestEvent, Subject
 from llamaduo.providers.base import Provider, make_provider
-from llamaduo.providers.budget import BudgetedProvider, has_limits, kv_ledger, with_budget
+from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
 from llamaduo.storage.keys import judging_closed_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
 if TYPE_CHECKING:
-    from llamaduo.services.judge.domain import Checker
+    from llamaduo.services.judge.checkers import Checker
 
 log = logging.getLogger("llamaduo.judge")
 
@@ -49,7 +49,9 @@ def register(bus: Bus, store: ArtifactStore) -> None:
     @bus.consumer(Subject.JUDGE_REQUEST, "judge", JUDGING)
     async def on_judge_request(event: JudgeRequestEvent) -> None:
         """Score one batch of answers against the references (skipped when the round's judging is closed)."""
-        from llamaduo.services.judge.domain import CheckerError, check_items, judge_items, load_checker
+        from llamaduo.services.judge.checkers import check_items, load_checker
+        from llamaduo.services.judge.domain import judge_items
+        from llamaduo.tasks.plugins import CheckerError
 
         if await judging_closed(event.migration_id, event.round):
             log.info("batch skipped: judging closed", extra={"migration_id": event.migration_id,
@@ -67,9 +69,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             judged_by, exhausted = f"programmatic:{spec.judge.checker}", False
         else:
             if event.migration_id not in providers:
-                ledger = await kv_ledger(bus, event.migration_id) if has_limits(spec.budget) else None
-                providers[event.migration_id] = with_budget(make_provider(spec.judge_llm, spec.task),
-                                                            spec.budget, ledger)
+                providers[event.migration_id] = await budgeted_provider(
+                    bus, event.migration_id, spec.budget, make_provider(spec.judge_llm, spec.task))
             provider = providers[event.migration_id]
             scores, usage = await judge_items(event.payload.items, provider, spec.judge,
                                               temperature=spec.judge_llm.temperature)

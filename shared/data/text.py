@@ -23,10 +23,31 @@ def strip_code_fence(text: str) -> str:
     return match.group(1).strip() if match else stripped
 
 
-def parse_json_object(text: str) -> dict[str, Any] | None:
-    """Parse ``text`` (optionally inside a code fence) as a JSON object; ``None`` if it is not one."""
+def extract_json(text: str, *, search: bool) -> Any:
+    """The JSON value of an LLM reply: the whole text, optionally inside one code fence.
+
+    With ``search``, a text that is not JSON as a whole falls back to the span from its first ``{`` to its
+    last ``}`` (a reply with words around the object). Raise ``ValueError`` when no JSON is found.
+    """
+    body = strip_code_fence(text)
     try:
-        value = json.loads(strip_code_fence(text))
+        return json.loads(body)
+    except ValueError:
+        if not search:
+            raise
+    start, end = body.find("{"), body.rfind("}")
+    if start == -1 or end <= start:
+        raise ValueError(f"no JSON object in {text[:80]!r}")
+    return json.loads(body[start : end + 1])
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """Parse ``text`` (optionally inside a code fence) as a JSON object; ``None`` if it is not one.
+
+    Strict: no searching inside the text, so a score never credits an object buried in prose.
+    """
+    try:
+        value = extract_json(text, search=False)
     except (ValueError, TypeError):
         return None
     return value if isinstance(value, dict) else None

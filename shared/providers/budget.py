@@ -236,3 +236,16 @@ def with_budget(provider: Provider, budget: BudgetSpec, ledger: SpendLedger | No
     if ledger is None or not has_limits(budget):
         return provider
     return BudgetedProvider(provider, budget, ledger)
+
+
+async def budgeted_provider(bus: Any, migration_id: str, budget: BudgetSpec, provider: Provider) -> Provider:
+    """``provider`` guarded by the migration's ``budget`` through its shared ledger (:func:`kv_ledger`), or
+    unchanged when the budget has no limits. ``provider`` is closed if the ledger cannot be opened."""
+    if not has_limits(budget):
+        return provider
+    try:
+        ledger = await kv_ledger(bus, migration_id)
+    except BaseException:
+        await provider.aclose()
+        raise
+    return with_budget(provider, budget, ledger)

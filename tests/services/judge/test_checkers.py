@@ -10,12 +10,8 @@ import pytest
 
 from llamaduo.contracts.events import JudgeItem, Usage
 from llamaduo.contracts.spec import JudgeSpec, SpecError, parse_spec
-from llamaduo.services.judge.domain import (
-    CHECKERS,
-    CheckerError,
-    check_items,
-    load_checker,
-)
+from llamaduo.services.judge.checkers import CHECKERS, check_items, load_checker
+from llamaduo.tasks.plugins import CheckerError
 
 HERE = __name__  # user checkers below are imported by this module's name
 
