@@ -14,7 +14,7 @@ from llamaduo.bus.broker import Bus, Delivery
 from llamaduo.contracts.events import Subject, SynthReady, SynthRequestEvent
 from llamaduo.data.examples import Example
 from llamaduo.providers.base import make_provider
-from llamaduo.providers.budget import BudgetedProvider, has_limits, kv_ledger, with_budget
+from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
 from llamaduo.storage.keys import data_key, round_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
@@ -32,21 +32,17 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         train = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "train"), Example)
         test = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "test"), Example)
-        ledger = await kv_ledger(bus, event.migration_id) if has_limits(spec.budget) else None
-        provider = with_budget(make_provider(spec.teacher, spec.task), spec.budget, ledger)
+        provider = await budgeted_provider(bus, event.migration_id, spec.budget, make_provider(spec.teacher, spec.task))
         try:
             result = await synthesize(train, test, event.payload, spec.synthesis, provider, round=event.round,
                                       seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,
                                       near_duplicate_threshold=spec.synthesis.near_duplicate_threshold)
         finally:
             await provider.aclose()
-        usage, exhausted = result.usage, False
-        if isinstance(provider, BudgetedProvider) and provider.exhausted:
-            # refused calls were never made: they are no calls (the domain counts every failed attempt)
-            usage, exhausted = usage.model_copy(update={"calls": max(0, usage.calls - provider.blocked)}), True
+        exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
         dataset = await asyncio.to_thread(
             store.put_jsonl, round_key(event.migration_id, event.round, "synthetic.jsonl"), result.examples)
         await bus.emit(event.follow(Subject.SYNTH_READY, SynthReady(
             dataset=dataset, generated=result.generated, kept=result.kept, removed=result.removed,
-            seed_ids=result.seed_ids, usage=usage, provider=provider.name, budget_exhausted=exhausted,
+            seed_ids=result.seed_ids, usage=result.usage, provider=provider.name, budget_exhausted=exhausted,
         ), key="ready"))
