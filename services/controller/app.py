@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaduo.bus.broker import Bus, Delivery
+from llamaduo.bus.topology import CONTROLLER_START
 from llamaduo.contracts.events import (
     DeadLetter,
     Envelope,
@@ -130,7 +131,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                 await asyncio.to_thread(_write_html_report, store, state, bus.settings.work_dir)
             await states.save(state, rev)
 
-    @bus.consumer(Subject.MIGRATION_START, "controller-start", CONTROL)
+    @bus.consumer(Subject.MIGRATION_START, CONTROLLER_START, CONTROL)
     async def on_start(event: MigrationStartEvent) -> None:
         """Open a migration: validate the spec, store the data splits, request round 0 training."""
         async with locks[event.migration_id]:

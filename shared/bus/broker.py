@@ -19,14 +19,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from faststream import AckPolicy, BaseMiddleware
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub, StorageType
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from pydantic import ValidationError
 
 from llamaduo.bus.connection import broker_kwargs
+from llamaduo.bus.topology import durable_name, stream_fields
 from llamaduo.contracts.events import (
-    DEAD_LETTER_FAMILY,
     PAYLOADS,
-    SUBJECT_FAMILIES,
     DeadLetter,
     Envelope,
     Subject,
@@ -35,9 +34,6 @@ from llamaduo.contracts.events import (
 from llamaduo.settings import Settings
 
 log = logging.getLogger("llamaduo.bus.broker")
-
-#: How long JetStream remembers a Nats-Msg-Id (seconds): re-publishing within it is a no-op.
-DUPLICATE_WINDOW = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -61,19 +57,9 @@ class PermanentError(Exception):
     """Raised by a handler for work that can never succeed: dead-lettered at once, not retried."""
 
 
-def stream_subjects(settings: Settings) -> list[str]:
-    return [settings.subject(f"{fam}.>") for fam in (*SUBJECT_FAMILIES, DEAD_LETTER_FAMILY)]
-
-
 def make_stream(settings: Settings) -> JStream:
-    return JStream(
-        name=settings.stream_name,
-        description="LlamaDuo events and requests",
-        subjects=stream_subjects(settings),
-        storage=StorageType.FILE,
-        duplicate_window=DUPLICATE_WINDOW,
-        declare=True,
-    )
+    """The installation's stream as FastStream declares it (see :func:`llamaduo.bus.topology.stream_fields`)."""
+    return JStream(**stream_fields(settings), declare=True)
 
 
 def _deliveries(msg: Any) -> int:
@@ -156,12 +142,11 @@ class Bus:
         full = self.settings.subject(name)
         if self.settings.ack_wait_seconds:
             delivery = replace(delivery, ack_wait=self.settings.ack_wait_seconds)
-        durable_name = f"{self.settings.stream_name}_{durable}".replace(".", "_")
         self._policies[full] = delivery
         return self.broker.subscriber(
             full,
             stream=self.stream,
-            durable=durable_name,
+            durable=durable_name(self.settings, durable),
             pull_sub=PullSub(batch_size=1, timeout=1.0),
             config=ConsumerConfig(
                 max_deliver=delivery.max_deliver + 1,  # the last one is ours, to dead-letter it
@@ -227,4 +212,3 @@ def _short(err: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:10])
 
 
-#END

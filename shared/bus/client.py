@@ -6,15 +6,20 @@ Uses plain nats-py (no service code), like any other client of the published con
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-from llamaduo.bus.broker import make_stream
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NoStreamResponseError, NotFoundError
+
 from llamaduo.bus.connection import connect
+from llamaduo.bus.topology import CONTROLLER_START, durable_name, stream_config
 from llamaduo.contracts.events import Envelope, Subject, parse_event, start_envelope
 from llamaduo.contracts.spec import MigrationSpec
+from llamaduo.contracts.state import MigrationState
+from llamaduo.errors import BusError
 from llamaduo.settings import Settings
 from llamaduo.storage.keys import migration_key
 from llamaduo.storage.store import ArtifactStore
@@ -35,22 +40,21 @@ def upload_dataset(store: ArtifactStore, migration_id: str, spec: MigrationSpec)
     return spec.model_copy(update={"dataset": dataset})
 
 
-async def ensure_stream(js: Any, settings: Settings) -> None:
-    """Create the stream if no service has yet (a client may start first)."""
-    from nats.js.api import StorageType, StreamConfig
-
-    cfg = make_stream(settings).config
+async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
+    """Create the stream if no service has yet (a client may start first), as the services declare it."""
     try:
         await js.stream_info(settings.stream_name)
-    except Exception:
-        await js.add_stream(StreamConfig(name=settings.stream_name, subjects=cfg.subjects,
-                                         storage=StorageType.FILE, duplicate_window=cfg.duplicate_window))
+    except NotFoundError:
+        await js.add_stream(stream_config(settings))
 
 
 async def wait_ready(settings: Settings, timeout: float = 120.0) -> None:
-    """Wait until the controller's start consumer exists, i.e. the installation can take a migration."""
+    """Wait until the controller's start consumer exists, i.e. the installation can take a migration.
+
+    Raises ``TimeoutError`` when it does not appear within ``timeout`` seconds.
+    """
     nc = await connect(settings)
-    durable = f"{settings.stream_name}_controller-start"
+    durable = durable_name(settings, CONTROLLER_START)
     try:
         js = nc.jetstream()
         deadline = asyncio.get_running_loop().time() + timeout
@@ -58,9 +62,10 @@ async def wait_ready(settings: Settings, timeout: float = 120.0) -> None:
             try:
                 await js.consumer_info(settings.stream_name, durable)
                 return
-            except Exception:
+            except (NotFoundError, NatsTimeoutError):  # no stream or consumer yet, or a busy server
                 if asyncio.get_running_loop().time() > deadline:
-                    raise TimeoutError(f"the controller did not come up within {timeout:.0f}s") from None
+                    raise TimeoutError(f"the controller did not come up within {timeout:.0f}s (no consumer "
+                                       f"{durable} on stream {settings.stream_name})") from None
                 await asyncio.sleep(0.2)
     finally:
         await nc.close()
@@ -68,8 +73,6 @@ async def wait_ready(settings: Settings, timeout: float = 120.0) -> None:
 
 async def publish_start(settings: Settings, migration_id: str, spec: MigrationSpec) -> Envelope:
     """Publish ``migration.start``; retried briefly while the stream is being (re)declared."""
-    from nats.js.errors import NoStreamResponseError
-
     nc = await connect(settings)
     try:
         js = nc.jetstream()
@@ -82,7 +85,7 @@ async def publish_start(settings: Settings, migration_id: str, spec: MigrationSp
                 return env
             except NoStreamResponseError:
                 if attempt == 19:
-                    raise ConnectionError(f"no JetStream stream answers on {settings.stream_name}") from None
+                    raise BusError(f"no JetStream stream answers on {settings.stream_name}") from None
                 await asyncio.sleep(0.5)
         return env
     finally:
@@ -95,8 +98,6 @@ async def follow(settings: Settings, migration_id: str | None = None, *, live: b
     ``live``: keep waiting for new events (ending after the migration's terminal event when an id is
     given); otherwise stop once the events stored when the call started have been read.
     """
-    from nats.js.api import DeliverPolicy
-
     nc = await connect(settings)
     try:
         js = nc.jetstream()
@@ -115,7 +116,7 @@ async def follow(settings: Settings, migration_id: str | None = None, *, live: b
             caught_up = msg.metadata.sequence.stream >= last
             try:
                 env = parse_event(msg.data)
-            except Exception:
+            except ValueError:
                 env = None  # dead letters and foreign messages are not migration events
             if env is not None and (not migration_id or env.migration_id == migration_id):
                 yield env
@@ -127,21 +128,24 @@ async def follow(settings: Settings, migration_id: str | None = None, *, live: b
         await nc.close()
 
 
-async def list_states(settings: Settings, migration_id: str | None = None) -> list[dict[str, Any]]:
-    """Controller states from the KV bucket (what ``llamaduo status`` shows)."""
+async def list_states(settings: Settings, migration_id: str | None = None) -> list[MigrationState]:
+    """Controller states from the KV bucket (what ``llamaduo status`` shows): all of them, or the one of
+    ``migration_id``; empty when there is none (no migration has started yet, or no such id)."""
     nc = await connect(settings)
     try:
-        kv = await nc.jetstream().key_value(settings.kv_bucket)
-        keys = [migration_id] if migration_id else await kv.keys()
+        try:
+            kv = await nc.jetstream().key_value(settings.kv_bucket)
+            keys = [migration_id] if migration_id else await kv.keys()
+        except (BucketNotFoundError, NoKeysError):
+            return []
         out = []
         for key in keys:
-            entry = await kv.get(key)
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:  # no such migration, or deleted since it was listed
+                continue
             if entry.value:
-                out.append(json.loads(entry.value))
+                out.append(MigrationState.model_validate_json(entry.value))
         return out
-    except Exception as err:
-        if "not found" in str(err).lower() or "no keys" in str(err).lower():
-            return []
-        raise
     finally:
         await nc.close()

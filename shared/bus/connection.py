@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from llamaduo.errors import BusError
 from llamaduo.settings import Settings
 
 
@@ -60,8 +61,11 @@ def broker_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 async def connect(settings: Settings) -> Any:
-    """A nats-py connection; failure raises ``ConnectionError`` naming the server and the first cause
-    (e.g. an authorization violation), never a credential."""
+    """A nats-py connection (``nats.aio.client.Client``).
+
+    Failure raises :class:`~llamaduo.errors.BusError` (a ``ConnectionError``) naming the server and the first
+    cause (e.g. an authorization violation), never a credential.
+    """
     import nats
 
     errors: list[BaseException] = []
@@ -77,5 +81,5 @@ async def connect(settings: Settings) -> Any:
         )
     except Exception as err:  # nats-py raises several types; the message is what matters to a user
         cause = errors[0] if errors else err
-        raise ConnectionError(f"cannot connect to NATS at {settings.nats_url.split('@')[-1]}: "
-                              f"{type(cause).__name__}: {cause}") from None
+        raise BusError(f"cannot connect to NATS at {settings.nats_url.split('@')[-1]}: "
+                       f"{type(cause).__name__}: {cause}") from None

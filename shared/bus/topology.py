@@ -1,0 +1,49 @@
+"""What an installation declares on NATS, defined once for FastStream's broker and the nats-py client:
+the stream (name, subjects, storage, duplicate window) and the durable names of consumers.
+
+No FastStream import here, so plain clients stay light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.js.api import StorageType, StreamConfig
+
+from llamaduo.contracts.events import DEAD_LETTER_FAMILY, SUBJECT_FAMILIES
+from llamaduo.settings import Settings
+
+#: How long JetStream remembers a Nats-Msg-Id (seconds): re-publishing within it is a no-op.
+DUPLICATE_WINDOW = 24 * 3600
+
+#: The durable of the controller's ``migration.start`` consumer: once it exists, the installation can
+#: take a migration (:func:`llamaduo.bus.client.wait_ready` waits for it).
+CONTROLLER_START = "controller-start"
+
+
+def stream_subjects(settings: Settings) -> list[str]:
+    """Every subject family of the installation, dead letters included, under its prefix."""
+    return [settings.subject(f"{fam}.>") for fam in (*SUBJECT_FAMILIES, DEAD_LETTER_FAMILY)]
+
+
+def stream_fields(settings: Settings) -> dict[str, Any]:
+    """The stream's definition, as keyword arguments that both FastStream's ``JStream`` and nats-py's
+    ``StreamConfig`` take."""
+    return {
+        "name": settings.stream_name,
+        "description": "LlamaDuo events and requests",
+        "subjects": stream_subjects(settings),
+        "storage": StorageType.FILE,
+        "duplicate_window": DUPLICATE_WINDOW,
+    }
+
+
+def stream_config(settings: Settings) -> StreamConfig:
+    """The stream's definition for a plain nats-py client (``js.add_stream``)."""
+    return StreamConfig(**stream_fields(settings))
+
+
+def durable_name(settings: Settings, durable: str) -> str:
+    """The JetStream durable name of consumer ``durable``: scoped to the installation's stream (so several
+    installations can share one account), with no dots (JetStream forbids them in durable names)."""
+    return f"{settings.stream_name}_{durable}".replace(".", "_")
