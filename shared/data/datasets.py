@@ -16,10 +16,11 @@ from pydantic import BaseModel
 
 from llamaduo.contracts.spec import DatasetSpec
 from llamaduo.data.examples import Example, example_id
+from llamaduo.errors import DataError
 
 
-class DatasetError(ValueError):
-    pass
+class DatasetError(DataError):
+    """A coverage dataset that cannot be used (names the source, and the bad rows)."""
 
 
 class Splits(BaseModel):

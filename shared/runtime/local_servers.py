@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llamaduo.errors import LlamaDuoError
 
-class ServerError(RuntimeError):
-    pass
+
+class ServerError(LlamaDuoError, RuntimeError):
+    """A private server or service of the embedded installation that cannot start or stopped (names it)."""
 
 
 def find_binary(name: str) -> str:
