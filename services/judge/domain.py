@@ -164,6 +164,7 @@ class JudgeCache:
             self._data.popitem(last=False)
 
     def clear(self) -> None:
+        """Forget every judgement."""
         self._data.clear()
 
     def __len__(self) -> int:

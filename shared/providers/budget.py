@@ -43,19 +43,24 @@ class BudgetExhausted(ProviderError):
 
 @dataclass(frozen=True)
 class Spend:
+    """Tokens and cost of a ledger entry."""
+
     tokens: int = 0
     cost: float = 0.0
 
     def plus(self, tokens: int, cost: float) -> Spend:
+        """This spend with ``tokens``/``cost`` added."""
         return Spend(self.tokens + tokens, self.cost + cost)
 
     def within(self, budget: BudgetSpec) -> bool:
+        """Whether this spend stays within ``budget``'s limits."""
         if budget.max_service_tokens is not None and self.tokens > budget.max_service_tokens:
             return False
         return not (budget.max_cost is not None and self.cost > budget.max_cost + 1e-12)
 
 
 def has_limits(budget: BudgetSpec) -> bool:
+    """Whether ``budget`` limits tokens or cost (otherwise no call needs a ledger)."""
     return budget.max_service_tokens is not None or budget.max_cost is not None
 
 

@@ -197,3 +197,9 @@ async def test_failed_judgements_are_not_cached() -> None:
     first, _ = await judge_items(_items(1), provider, JudgeSpec(), cache=cache)
     second, usage = await judge_items(_items(1), provider, JudgeSpec(), cache=cache)
     assert first[0].failed and not second[0].failed and usage.calls == 1
+
+
+def test_judgement_error_is_a_llamaduo_value_error() -> None:
+    from llamaduo.errors import LlamaDuoError
+
+    assert issubclass(JudgementError, LlamaDuoError) and issubclass(JudgementError, ValueError)

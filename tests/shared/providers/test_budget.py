@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,6 +34,7 @@ from llamaduo.providers.budget import (
     KVLedger,
     MemoryLedger,
     Spend,
+    budgeted_provider,
     estimate_call,
     with_budget,
 )
@@ -142,6 +144,43 @@ def test_no_limits_no_wrapper():
     assert isinstance(with_budget(inner, BudgetSpec(max_cost=1.0), MemoryLedger()), BudgetedProvider)
 
 
+class Closing(CountingProvider):
+    closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def _bus(key_value) -> SimpleNamespace:
+    """Just what :func:`budgeted_provider` reads of a bus: the broker's KV access and the stream name."""
+    return SimpleNamespace(broker=SimpleNamespace(key_value=key_value),
+                           settings=SimpleNamespace(stream_name="LLAMADUO"))
+
+
+async def test_budgeted_provider_opens_the_migration_ledger_only_with_limits():
+    buckets: list[str] = []
+
+    async def key_value(bucket: str) -> object:
+        buckets.append(bucket)
+        return object()
+
+    inner = CountingProvider()
+    assert await budgeted_provider(_bus(key_value), "m-1", BudgetSpec(), inner) is inner and not buckets
+    guarded = await budgeted_provider(_bus(key_value), "m-1", BudgetSpec(max_cost=1.0), inner)
+    assert isinstance(guarded, BudgetedProvider) and guarded.inner is inner
+    assert isinstance(guarded.ledger, KVLedger) and guarded.ledger.key == "m-1" and buckets == ["LLAMADUO_SPEND"]
+
+
+async def test_budgeted_provider_closes_the_provider_when_the_ledger_cannot_be_opened():
+    async def key_value(bucket: str) -> object:
+        raise ConnectionError("nats down")
+
+    inner = Closing()
+    with pytest.raises(ConnectionError):
+        await budgeted_provider(_bus(key_value), "m-1", BudgetSpec(max_service_tokens=10), inner)
+    assert inner.closed
+
+
 # ------------------------------------------------------------------------------------------ judge, synthesizer
 
 
@@ -175,6 +214,17 @@ async def test_synthesis_stops_at_the_budget():
     assert guarded.exhausted and 0 < inner.calls < 16 and result.kept < 64
     assert (await guarded.ledger.spent()).tokens == inner.calls * 400 <= 1500
     assert result.usage.tokens == inner.calls * 400
+
+
+async def test_refused_synthesis_calls_are_no_calls():
+    rows = make_dataset(n_train=12, n_test=4, seed=1)
+    train = [Example.model_validate(r) for r in rows if r["split"] == "train"]
+    inner = CountingProvider(input_tokens=200, output_tokens=200)
+    guarded = BudgetedProvider(inner, BudgetSpec(max_service_tokens=1500), MemoryLedger())
+    spec = SynthesisSpec(samples_per_round=64, seeds_per_call=2, examples_per_call=4)
+    result = await synthesize(train, [], SynthRequest(samples=64), spec, guarded, round=1, seed=0, system_prompt="")
+    assert guarded.blocked > 0 and result.usage.calls == inner.calls
+    assert any(note.startswith("call failed: budget: ") for note in result.notes)
 
 
 # ------------------------------------------------------------------------------------------ controller
