@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from llamaduo.contracts.spec import InferenceSpec, StudentSpec
-from llamaduo.models.generation import chat_prompt_ids, chat_text, stop_token_ids
-from llamaduo.models.loading import load_causal_lm, load_tokenizer, read_student_meta
-from llamaduo.models.resolve import resolve_base_model
+from llamaduo.errors import ModelError
+from llamaduo.models.generation import chat_prompt_ids, chat_text, cut_at_stop, generate_new_tokens, stop_token_ids
+from llamaduo.models.loading import load_student, load_tokenizer, read_student_meta, student_base_path
 
 #: LoRA ranks vLLM's engine can be configured for (``max_lora_rank``), smallest first.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -33,7 +33,7 @@ class Generator(Protocol):
         ...
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(ModelError):
     """The spec asks for an inference backend this machine cannot run."""
 
 
@@ -91,21 +91,11 @@ class StudentGenerator:
     def load(cls, student: StudentSpec, model_dir: Path, *, base_model_path: str | None = None) -> StudentGenerator:
         """Load the student saved in ``model_dir``; generation settings come from ``student.inference``.
 
-        ``base_model_path``: an already resolved base model folder for a LoRA student (default: resolve the
-        base model named in the folder's metadata).
+        ``base_model_path``: an already resolved base model folder for a LoRA student (default: the base model
+        named in the folder's metadata, see :func:`~llamaduo.models.loading.student_base_path`).
         """
-        meta = read_student_meta(Path(model_dir))
         tokenizer = load_tokenizer(model_dir)
-        if meta["method"] == "lora":
-            from peft import PeftModel
-
-            base = load_causal_lm(base_model_path or resolve_base_model(meta["base_model"]), meta["quantization"])
-            model = PeftModel.from_pretrained(base, str(model_dir))
-            if meta["quantization"] == "none":
-                model = model.merge_and_unload()
-        else:
-            model = load_causal_lm(model_dir)
-        model.eval()
+        model = load_student(Path(model_dir), base_model_path)
         return cls(model, tokenizer, student.inference, seed=student.training.seed)
 
     def _stop_ids(self) -> list[int]:
@@ -113,27 +103,13 @@ class StudentGenerator:
 
     def _generate_batch(self, texts: list[str], sample: bool) -> list[list[int]]:
         """New token ids for each text, cut at the first stop token."""
-        import torch
-
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
         stop = self._stop_ids()
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.inference.max_new_tokens,
-            "eos_token_id": stop,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        if sample:
-            kwargs.update(do_sample=True, temperature=self.inference.temperature, top_p=1.0, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            out = self.model.generate(**enc, **kwargs)
-        result = []
-        for row in out[:, enc["input_ids"].shape[1] :].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-            result.append(row[:cut])
-        return result
+        rows = generate_new_tokens(
+            self.model, enc, max_new_tokens=self.inference.max_new_tokens, stop_ids=stop,
+            pad_token_id=self.tokenizer.pad_token_id, temperature=self.inference.temperature if sample else 0.0,
+        )  # fmt: skip
+        return [cut_at_stop(row, stop)[0] for row in rows]
 
     def generate_tokens(self, prompts: list[str], system_prompt: str = "") -> list[list[list[int]]]:
         """Like :meth:`generate`, as token ids (new tokens only, up to the first stop token)."""
@@ -197,16 +173,16 @@ class VLLMGenerator:
         meta = read_student_meta(model_dir)
         seed = student.training.seed
         lora_request = None
-        if meta["method"] == "lora":
+        if meta.method == "lora":
             from vllm.lora.request import LoRARequest
 
             rank = int(json.loads((model_dir / "adapter_config.json").read_text())["r"])
             max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
             if max_rank is None:
                 raise BackendUnavailableError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; this one is {rank}")
-            quantization = {"quantization": "bitsandbytes"} if meta["quantization"] == "4bit" else {}
+            quantization = {"quantization": "bitsandbytes"} if meta.quantization == "4bit" else {}
             llm = LLM(
-                model=base_model_path or resolve_base_model(meta["base_model"]), tokenizer=str(model_dir),
+                model=base_model_path or student_base_path(meta), tokenizer=str(model_dir),
                 enable_lora=True, max_lora_rank=max_rank, max_loras=1, seed=seed, **quantization,
             )  # fmt: skip
             lora_request = LoRARequest("student", 1, str(model_dir))

@@ -2,8 +2,8 @@
 
 The rows become a conversational prompt-completion dataset (prompt = system + user messages, completion =
 the assistant message), so the loss is on the assistant turn only. The output folder holds the adapter
-(LoRA) or the whole model (full), the tokenizer and :data:`STUDENT_META_FILE`, which tells inference how to
-load it. Heavy libraries are imported inside functions, so importing this module is fast.
+(LoRA) or the whole model (full), the tokenizer and ``llamaduo_student.json`` (:class:`StudentMeta`), which tells
+inference how to load it. Heavy libraries are imported inside functions, so importing this module is fast.
 """
 
 from __future__ import annotations
@@ -22,7 +22,16 @@ from pydantic import BaseModel
 from llamaduo.contracts.spec import StudentSpec
 from llamaduo.data.examples import Example
 from llamaduo.models.generation import prompt_messages
-from llamaduo.models.loading import STUDENT_META_FILE, load_causal_lm, load_tokenizer, read_student_meta
+from llamaduo.models.loading import (
+    LoraMeta,
+    StudentMeta,
+    load_causal_lm,
+    load_student,
+    load_tokenizer,
+    read_student_meta,
+    student_base_path,
+    write_student_meta,
+)
 from llamaduo.models.resolve import resolve_base_model
 
 log = logging.getLogger(__name__)
@@ -190,12 +199,12 @@ def build_trainer(
     base_model_path: str | None = None,
     checkpoint_every_s: float | None = None,
     callbacks: list[Any] | None = None,
-) -> tuple[Any, Any, dict[str, Any]]:
+) -> tuple[Any, Any, StudentMeta]:
     """Build the TRL ``SFTTrainer`` for ``student`` (CPU-safe settings when there is no CUDA).
 
     Returns ``(trainer, tokenizer, meta)``; ``meta`` is what :func:`save_student` writes to
-    :data:`STUDENT_META_FILE`. With ``checkpoint_every_s``, checkpoints go to ``work_dir`` that often
-    (only the last one is kept).
+    ``llamaduo_student.json``. With ``checkpoint_every_s``, checkpoints go to ``work_dir`` that often (only the
+    last one is kept).
     """
     import torch
     from transformers import PrinterCallback
@@ -266,18 +275,19 @@ def build_trainer(
         callbacks=[*(callbacks or []), *extra_callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through callbacks, not stdout
-    meta = {
-        "method": student.method,
-        "base_model": student.base_model,
-        "base_model_path": str(base_path),
-        "quantization": student.quantization,
-        "lora": {"r": r, "alpha": alpha} if r is not None else None,
-    }
+    meta = StudentMeta(
+        method=student.method,
+        base_model=student.base_model,
+        base_model_path=str(base_path),
+        quantization=student.quantization,
+        lora=LoraMeta(r=r, alpha=alpha) if r is not None and alpha is not None else None,
+    )
     return trainer, tokenizer, meta
 
 
-def save_student(trainer: Any, tokenizer: Any, meta: dict[str, Any], output_dir: Path) -> None:
-    """Save the adapter (LoRA) or whole model, the tokenizer and :data:`STUDENT_META_FILE` to ``output_dir``."""
+def save_student(trainer: Any, tokenizer: Any, meta: StudentMeta, output_dir: Path) -> None:
+    """Save the adapter (LoRA) or whole model, the tokenizer and ``meta`` (``llamaduo_student.json``) to
+    ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(str(output_dir))
@@ -285,7 +295,7 @@ def save_student(trainer: Any, tokenizer: Any, meta: dict[str, Any], output_dir:
     tokenizer.padding_side = "left"  # what inference wants
     tokenizer.save_pretrained(str(output_dir))
     tokenizer.padding_side = side
-    (output_dir / STUDENT_META_FILE).write_text(json.dumps(meta, indent=2))
+    write_student_meta(output_dir, meta)
 
 
 def export_merged(adapter_dir: Path, output_dir: Path, *, base_model_path: str | None = None) -> Path:
@@ -300,17 +310,15 @@ def export_merged(adapter_dir: Path, output_dir: Path, *, base_model_path: str |
     ``base_model_path``: an already resolved base folder (default: resolve the base named in the metadata).
     """
     import torch
-    from peft import PeftModel
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     meta = read_student_meta(adapter_dir)
-    if meta["method"] != "lora":
-        raise ValueError(f"{adapter_dir} holds a {meta['method']} student; only a LoRA adapter can be merged")
-    base_path = Path(base_model_path or resolve_base_model(meta["base_model"]))
+    if meta.method != "lora":
+        raise ValueError(f"{adapter_dir} holds a {meta.method} student; only a LoRA adapter can be merged")
+    base_path = Path(base_model_path or student_base_path(meta))
     config = json.loads((base_path / "config.json").read_text())
     dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
-    base = load_causal_lm(base_path, "none")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = load_student(adapter_dir, str(base_path), quantization="none")
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float32:
         merged = merged.to(dtype)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -381,6 +389,6 @@ def train(
         tokens_per_second=state.num_input_tokens_seen / runtime if runtime > 0 else None,
         trainable_params=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         method=student.method,
-        lora_r=meta["lora"]["r"] if meta["lora"] else None,
-        lora_alpha=meta["lora"]["alpha"] if meta["lora"] else None,
+        lora_r=meta.lora.r if meta.lora else None,
+        lora_alpha=meta.lora.alpha if meta.lora else None,
     )

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-#: ChatML, the template given to models whose tokenizer has none (SmolLM2 itself uses ChatML).
+from pydantic import BaseModel
+
 #: ChatML, the template given to models whose tokenizer has none (SmolLM2 itself uses ChatML).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -73,9 +74,68 @@ def load_causal_lm(path: str | Path, quantization: str = "none") -> Any:
     return model
 
 
-def read_student_meta(model_dir: Path) -> dict[str, Any]:
+class LoraMeta(BaseModel):
+    """The LoRA rank and alpha a student was trained with."""
+
+    r: int
+    alpha: int
+
+
+class StudentMeta(BaseModel):
+    """What :data:`STUDENT_META_FILE` says about a trained student: how to load it."""
+
+    method: Literal["lora", "full"]
+    #: the base model as the spec named it (``tiny:llama``, ``smollm2-135m``, a folder, a Hugging Face id)
+    base_model: str
+    #: the folder the base was resolved to when training (used when ``base_model`` no longer resolves)
+    base_model_path: str | None = None
+    quantization: Literal["4bit", "8bit", "none"] = "none"
+    lora: LoraMeta | None = None
+
+
+def read_student_meta(model_dir: Path) -> StudentMeta:
     """The :data:`STUDENT_META_FILE` of a trained student folder."""
     path = Path(model_dir) / STUDENT_META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} is not a trained student folder: {STUDENT_META_FILE} is missing")
-    return json.loads(path.read_text())
+    return StudentMeta.model_validate(json.loads(path.read_text()))
+
+
+def write_student_meta(model_dir: Path, meta: StudentMeta) -> None:
+    """Write ``meta`` as the :data:`STUDENT_META_FILE` of ``model_dir``."""
+    (Path(model_dir) / STUDENT_META_FILE).write_text(json.dumps(meta.model_dump(), indent=2))
+
+
+def student_base_path(meta: StudentMeta) -> str:
+    """The folder of a student's base model: its ``base_model`` resolved, else the ``base_model_path`` saved at
+    training when that name no longer resolves (e.g. offline) and the folder is still there."""
+    # imported here: resolve imports this module
+    from llamaduo.models.resolve import ModelResolutionError, resolve_base_model
+
+    try:
+        return resolve_base_model(meta.base_model)
+    except ModelResolutionError:
+        saved = meta.base_model_path
+        if saved and Path(saved).is_dir():
+            return str(saved)
+        raise
+
+
+def load_student(model_dir: Path, base_model_path: str | None = None, *, quantization: str | None = None) -> Any:
+    """Load the trained student in ``model_dir`` as one model, in eval mode.
+
+    A LoRA student is its adapter on its base (``base_model_path``, default :func:`student_base_path`), loaded
+    with the student's quantization (or ``quantization``) and merged into it when unquantized; a full student
+    is its own folder.
+    """
+    meta = read_student_meta(model_dir)
+    if meta.method != "lora":
+        return load_causal_lm(model_dir).eval()
+    from peft import PeftModel
+
+    quantization = quantization or meta.quantization
+    base = load_causal_lm(base_model_path or student_base_path(meta), quantization)
+    model = PeftModel.from_pretrained(base, str(model_dir))
+    if quantization == "none":
+        model = model.merge_and_unload()
+    return model.eval()

@@ -21,13 +21,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from llamaduo.errors import ModelError
 from llamaduo.models.loading import prepare_tokenizer
 from llamaduo.models.tiny import TINY_PREFIX, TINY_PRESETS, build_tiny, tiny_recipe_hash
 
 SMOLLM2_ALIAS = "smollm2-135m"
 
 
-class ModelResolutionError(RuntimeError):
+class ModelResolutionError(ModelError):
     """A base model name that cannot be turned into a local folder."""
 
 

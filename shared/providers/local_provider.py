@@ -29,7 +29,7 @@ import threading
 from typing import Any
 
 from llamaduo.contracts.spec import ProviderSpec, TaskSpec
-from llamaduo.models.generation import stop_token_ids
+from llamaduo.models.generation import cut_at_stop, generate_new_tokens, stop_token_ids
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError
 from llamaduo.providers.budget import DEFAULT_REPLY_TOKENS
 from llamaduo.providers.limits import CallGuard, Failure, RetryPolicy
@@ -140,30 +140,12 @@ class LocalProvider(Provider):
 
     def _generate(self, ids: list[int], max_new: int, temperature: float, cancel: threading.Event) -> list[int]:
         """New token ids up to and including the first stop token (runs in a worker thread)."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
         stop = self._stop_ids()
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new,
-            "eos_token_id": stop,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "stopping_criteria": StoppingCriteriaList([Cancelled()]),
-        }
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            input_ids = torch.tensor([ids], device=self.model.device)
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        row = out[0, len(ids) :].tolist()
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
-        return row[:cut]
+        (row,) = generate_new_tokens(
+            self.model, ids, max_new_tokens=max_new, stop_ids=stop, pad_token_id=self.tokenizer.pad_token_id,
+            temperature=temperature, should_stop=lambda _ids: cancel.is_set(),
+        )  # fmt: skip
+        return cut_at_stop(row, stop, keep_stop=True)[0]
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -95,7 +95,7 @@ def test_full_fine_tuning_lowers_the_loss(tmp_path: Path) -> None:
     changed = [k for k in before if not before[k].equal(after[k])]
     assert len(changed) == len(before)
     meta = read_student_meta(tmp_path / "out")
-    assert meta["method"] == "full" and meta["base_model"] == "tiny:llama" and meta["quantization"] == "none"
+    assert meta.method == "full" and meta.base_model == "tiny:llama" and meta.quantization == "none"
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
@@ -139,7 +139,7 @@ def test_qlora_4bit_trains(tmp_path: Path) -> None:
     result = train(s, triage_rows(12), SYSTEM, tmp_path / "out")
     assert result.steps == 3 and result.final_loss is not None and result.lora_r == 8
     assert 0 < result.trainable_params < 100_000
-    assert read_student_meta(tmp_path / "out")["quantization"] == "4bit"
+    assert read_student_meta(tmp_path / "out").quantization == "4bit"
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:

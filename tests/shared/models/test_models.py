@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from llamaduo import student
+from llamaduo.models import resolve
 from llamaduo.models.generation import prompt_messages
 from llamaduo.models.loading import CHATML_TEMPLATE, load_tokenizer, prepare_tokenizer
 from llamaduo.models.resolve import ModelResolutionError, cache_dir, resolve_base_model
@@ -82,7 +82,7 @@ def test_failed_build_leaves_nothing(cache: Path) -> None:
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        student._build_cached(cache / "models" / "broken", broken)
+        resolve._build_cached(cache / "models" / "broken", broken)
     assert not [p.name for p in (cache / "models").iterdir() if p.name.startswith(("broken", ".broken.tmp"))]
 
 
@@ -108,7 +108,7 @@ def test_smollm2_resolves_and_answers() -> None:
     from llamaduo.models.loading import load_causal_lm
 
     try:
-        student.smollm2_gguf_path()
+        resolve.smollm2_gguf_path()
     except ModelResolutionError as err:
         pytest.skip(str(err))
     path = resolve_base_model("smollm2-135m")

@@ -20,7 +20,10 @@ from llamaduo.contracts.spec import StudentSpec
 from llamaduo.data.examples import Example
 from llamaduo.services.inference.domain import StudentGenerator
 from llamaduo.services.trainer.domain import train
-from llamaduo.serving.server import GenerationParams, ModelRegistry, create_app, serve_in_thread
+from llamaduo.serving.app import create_app
+from llamaduo.serving.engine import GenerationParams
+from llamaduo.serving.registry import ModelRegistry
+from llamaduo.serving.server import serve_in_thread
 from llamaduo.tasks.triage import make_dataset
 
 SYSTEM = "Route the ticket to one queue."
