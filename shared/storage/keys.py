@@ -46,3 +46,18 @@ JUDGING_CLOSED = "judging-closed"
 def judging_closed_key(migration_id: str, round: int) -> str:
     """S3 key of the marker saying the round's judging is closed: remaining batches are not judged."""
     return round_key(migration_id, round, JUDGING_CLOSED)
+
+
+def shard_key(migration_id: str, round: int, index: int) -> str:
+    """S3 key of a round's predictions shard ``index`` (the inference service stores them as it goes)."""
+    return round_key(migration_id, round, "predictions", f"shard-{index:05d}.jsonl")
+
+
+def predictions_key(migration_id: str, round: int) -> str:
+    """S3 key of a round's predictions, its shards joined (what ``infer.done`` points at)."""
+    return round_key(migration_id, round, "predictions.jsonl")
+
+
+def checkpoint_prefix(migration_id: str, round: int) -> str:
+    """S3 folder holding the newest training checkpoint of a round."""
+    return round_key(migration_id, round, "checkpoints", "latest")

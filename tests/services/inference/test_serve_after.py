@@ -18,10 +18,11 @@ from openai import OpenAI
 
 from llamaduo.contracts.spec import MigrationSpec, spec_to_dict
 from llamaduo.data.examples import Example
-from llamaduo.services.inference.app import Servers, serve_completed
 from llamaduo.services.inference.domain import StudentGenerator
-from llamaduo.services.trainer.app import export_merged_round, train_round
-from llamaduo.serving.server import BackgroundServer, fetch_migration_model
+from llamaduo.services.inference.serve_after import Servers, serve_completed
+from llamaduo.services.trainer.rounds import export_merged_round, train_round
+from llamaduo.serving.migration import fetch_migration_model
+from llamaduo.serving.server import BackgroundServer
 from llamaduo.storage.keys import migration_key, round_key, spec_key
 from llamaduo.tasks.triage import make_dataset
 

@@ -17,17 +17,17 @@ from llamaduo.contracts.events import JudgeItem
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
 from llamaduo.models.loading import STUDENT_META_FILE
-from llamaduo.services.inference.app import predict_in_shards, predict_round, predictions_key, shard_key
-from llamaduo.services.trainer.app import (
+from llamaduo.services.inference.shards import predict_in_shards, predict_round
+from llamaduo.services.trainer.checkpoints import (
     CheckpointUploader,
-    checkpoint_prefix,
     forget_checkpoints,
     local_checkpoint_step,
     remote_checkpoint_step,
     restore_checkpoint,
-    train_round,
 )
 from llamaduo.services.trainer.domain import TrainProgressInfo
+from llamaduo.services.trainer.rounds import train_round
+from llamaduo.storage.keys import checkpoint_prefix, predictions_key, shard_key
 from llamaduo.tasks.triage import make_dataset
 
 SYSTEM = "Route the ticket to one queue."
