@@ -23,13 +23,22 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 def chat_text(tokenizer: Any, prompt: str, system_prompt: str = "") -> str:
     """One prompt through the student's chat template, assistant turn opened (as in training)."""
-    return tokenizer.apply_chat_template(prompt_messages(prompt, system_prompt), tokenize=False,
-                                         add_generation_prompt=True)
+    return messages_text(tokenizer, prompt_messages(prompt, system_prompt))
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: str, system_prompt: str = "") -> list[int]:
     """Token ids of :func:`chat_text`."""
-    return list(tokenizer(chat_text(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"])
+    return messages_ids(tokenizer, prompt_messages(prompt, system_prompt))
+
+
+def messages_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """``messages`` through the tokenizer's chat template, assistant turn opened."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def messages_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of :func:`messages_text` (the template already holds any special tokens)."""
+    return list(tokenizer(messages_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
 def cut_at_stop(ids: list[int], stop_ids: Collection[int], *, keep_stop: bool = False) -> tuple[list[int], bool]:

@@ -29,7 +29,7 @@ import threading
 from typing import Any
 
 from llamaduo.contracts.spec import ProviderSpec, TaskSpec
-from llamaduo.models.generation import cut_at_stop, generate_new_tokens, stop_token_ids
+from llamaduo.models.generation import cut_at_stop, generate_new_tokens, messages_ids, stop_token_ids
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError
 from llamaduo.providers.budget import DEFAULT_REPLY_TOKENS
 from llamaduo.providers.limits import CallGuard, Failure, RetryPolicy
@@ -82,8 +82,7 @@ class LocalProvider(Provider):
                 last = messages[users[-1]]
                 schema = SCHEMA_INSTRUCTION.format(schema=json.dumps(request.json_schema, ensure_ascii=False))
                 messages[users[-1]] = {**last, "content": f"{last['content']}\n\n{schema}"}
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return messages_ids(self.tokenizer, messages)
 
     async def complete(self, request: CompletionRequest) -> Completion:
         """Generate the reply to ``request`` (see the module docstring); raise :class:`ProviderError`."""

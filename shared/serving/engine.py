@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaduo.contracts.spec import InferenceSpec
-from llamaduo.models.generation import cut_at_stop, generate_new_tokens, stop_token_ids
+from llamaduo.models.generation import cut_at_stop, generate_new_tokens, messages_ids, stop_token_ids
 from llamaduo.serving.api import APIError
 
 #: ``owned_by`` of every served model.
@@ -168,8 +168,7 @@ class ServedModel:
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` through the chat template, with the assistant turn opened (as in training)."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return messages_ids(self.tokenizer, messages)
 
     def max_new_tokens(self, prompt_ids: list[int], requested: int) -> int:
         """``requested``, capped by the room the context leaves; a 400 :class:`APIError` when there is none."""
