@@ -26,7 +26,7 @@ from llamaduo.contracts.events import (
     SynthReadyEvent,
     TrainDoneEvent,
 )
-from llamaduo.contracts.spec import SpecError, parse_spec
+from llamaduo.contracts.spec import MigrationSpec, SpecError, parse_spec
 from llamaduo.contracts.state import DataRefs, MigrationState
 from llamaduo.data.datasets import DatasetError, load_splits
 from llamaduo.reporting.manifest import write_manifest
@@ -73,7 +73,7 @@ class StateStore:
             await kv.update(state.migration_id, data, last=revision)
 
 
-def _prepare(store: ArtifactStore, migration_id: str, spec: Any) -> DataRefs:
+def _prepare(store: ArtifactStore, migration_id: str, spec: MigrationSpec) -> DataRefs:
     """Load and split the coverage dataset, then store the splits and the spec (blocking I/O)."""
 
     def fetch_s3(uri: str) -> bytes:

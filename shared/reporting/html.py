@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamaduo.errors import LlamaDuoError
 from llamaduo.reporting.charts import DATA_CHART, SCORE_CHART, data_chart, score_chart
@@ -27,6 +27,9 @@ from llamaduo.reporting.view import (
     total_usage,
     usage_of,
 )
+
+if TYPE_CHECKING:
+    from llamaduo.storage.store import ArtifactStore
 
 __all__ = ["DATA_CHART", "REPORT_FILE", "SCORE_CHART", "ReportError", "render_html", "render_report",
            "serve_snippet", "write_report"]
@@ -257,7 +260,7 @@ def render_report(manifest: dict[str, Any], out_dir: Path) -> Path:
     return page
 
 
-def write_report(store: Any, migration_id: str, out_dir: Path) -> Path:
+def write_report(store: ArtifactStore, migration_id: str, out_dir: Path) -> Path:
     """Render the report of ``migration_id`` from its stored manifest and upload it.
 
     Reads ``migrations/{id}/manifest.json``; writes the files into ``out_dir`` and uploads them under
