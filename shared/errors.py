@@ -11,20 +11,16 @@ from __future__ import annotations
 class LlamaDuoError(Exception):
     """Base of every error LlamaDuo raises on purpose."""
 
-    #: what ``llamaduo`` exits with when this error ends a command
-    exit_code: int = 1
+    #: what ``llamaduo`` exits with when this error ends a command (1 is kept for "the migration did not pass")
+    exit_code: int = 2
 
 
 class SpecError(LlamaDuoError, ValueError):
     """A spec (or spec field, or user code it names) that cannot run. The message names each bad field."""
 
-    exit_code = 2
-
 
 class DataError(LlamaDuoError, ValueError):
     """A dataset that cannot be used: missing file, bad rows, too few rows. Names the source and the rows."""
-
-    exit_code = 2
 
 
 class ProviderError(LlamaDuoError, RuntimeError):

@@ -41,8 +41,6 @@ SERVE_BASE_URL = "http://127.0.0.1:8000/v1"
 class ReportError(LlamaDuoError, LookupError):
     """The report cannot be made (for instance: the migration has no manifest)."""
 
-    exit_code = 2
-
 
 def _int(value: Any) -> str:
     try:
