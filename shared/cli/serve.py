@@ -15,7 +15,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     A migration's model answers with its own spec's inference defaults and system prompt; ``--model`` folders
     with those of the last migration given (or the defaults).
     """
-    from llamaduo.serving.server import ModelDefaults, fetch_migration_model, migration_defaults, serve
+    from llamaduo.serving.engine import ModelDefaults
+    from llamaduo.serving.migration import fetch_migration_model, migration_defaults
+    from llamaduo.serving.server import serve
 
     models: dict[str, Path] = {}
     defaults: dict[str, ModelDefaults] = {}

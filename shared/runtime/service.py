@@ -39,7 +39,7 @@ def build(name: str, settings: Settings) -> Bus:
     return bus
 
 
-async def serve(name: str, settings: Settings) -> None:
+async def serve_until_stopped(name: str, settings: Settings) -> None:
     """Run service ``name`` until a stop signal; in-flight work finishes (graceful timeout) first."""
     setup_logging(name, settings.log_level)
     bus = build(name, settings)
@@ -65,4 +65,4 @@ def run(name: str, settings: Settings | None = None) -> None:
     # several torch processes share the CPUs: spinning OpenMP threads would slow them all (measured ~10x)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    asyncio.run(serve(name, settings or Settings()))
+    asyncio.run(serve_until_stopped(name, settings or Settings()))

@@ -15,20 +15,7 @@ from typing import Any
 from llamaduo.contracts.spec import StudentSpec
 from llamaduo.serving.app import create_app
 from llamaduo.serving.engine import ModelDefaults
-from llamaduo.serving.migration import fetch_migration_model, migration_defaults
 from llamaduo.serving.registry import ModelRegistry
-
-# ModelDefaults, fetch_migration_model and migration_defaults live in engine and migration; they are importable
-# from here too for callers not yet moved to those modules (the CLI).
-__all__ = [
-    "BackgroundServer",
-    "ModelDefaults",
-    "ServerThread",
-    "fetch_migration_model",
-    "migration_defaults",
-    "serve",
-    "serve_in_thread",
-]
 
 
 def serve(
