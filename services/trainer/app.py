@@ -41,16 +41,12 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         loop = asyncio.get_running_loop()
         last = [0.0]
 
-        def progress(info: object) -> None:
+        def progress(info: TrainProgress) -> None:
             now = time.monotonic()
-            step, total = getattr(info, "step", 0), getattr(info, "total_steps", 0)
-            if now - last[0] < PROGRESS_EVERY_S and step != total:
+            if now - last[0] < PROGRESS_EVERY_S and info.step != info.total_steps:
                 return
             last[0] = now
-            payload = TrainProgress(step=step, total_steps=total, loss=getattr(info, "loss", None),
-                                    tokens_per_second=getattr(info, "tokens_per_second", None),
-                                    eta_seconds=getattr(info, "eta_seconds", None))
-            asyncio.run_coroutine_threadsafe(bus.emit(event.follow(Subject.TRAIN_PROGRESS, payload)), loop)
+            asyncio.run_coroutine_threadsafe(bus.emit(event.follow(Subject.TRAIN_PROGRESS, info)), loop)
 
         try:
             result, adapter = await asyncio.to_thread(

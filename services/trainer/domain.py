@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from llamaduo.contracts.events import TrainProgress
 from llamaduo.contracts.spec import StudentSpec
 from llamaduo.data.examples import Example
 from llamaduo.models.generation import prompt_messages
@@ -47,16 +48,6 @@ class TrainingStopped(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"training stopped on request at step {step}; checkpoint-{step} holds the progress")
         self.step = step
-
-
-class TrainProgressInfo(BaseModel):
-    """One progress report (same fields as :class:`llamaduo.contracts.events.TrainProgress`)."""
-
-    step: int
-    total_steps: int
-    loss: float | None = None
-    tokens_per_second: float | None = None
-    eta_seconds: float | None = None
 
 
 class TrainResult(BaseModel):
@@ -97,7 +88,7 @@ def build_dataset(examples: list[Example], system_prompt: str) -> Any:
     )
 
 
-def _progress_callback(progress: Callable[[TrainProgressInfo], None] | None, losses: list[float]) -> Any:
+def _progress_callback(progress: Callable[[TrainProgress], None] | None, losses: list[float]) -> Any:
     from transformers import TrainerCallback
 
     class _Progress(TrainerCallback):
@@ -115,7 +106,7 @@ def _progress_callback(progress: Callable[[TrainProgressInfo], None] | None, los
             tps = (state.num_input_tokens_seen - self.start_tokens) / elapsed
             self.reported = state.global_step
             progress(
-                TrainProgressInfo(
+                TrainProgress(
                     step=state.global_step,
                     total_steps=state.max_steps,
                     loss=losses[-1] if losses else None,
@@ -334,7 +325,7 @@ def train(
     system_prompt: str,
     output_dir: Path,
     *,
-    progress: Callable[[TrainProgressInfo], None] | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
     checkpoint_dir: Path | None = None,
     base_model_path: str | None = None,
     checkpoint_every_s: float = CHECKPOINT_EVERY_S,
@@ -343,7 +334,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``student`` on ``examples`` and save it to ``output_dir`` (see :func:`save_student`).
 
-    ``progress``: called with a :class:`TrainProgressInfo` at each log step (about 20 per run) and at the end.
+    ``progress``: called with a :class:`TrainProgress` at each log step (about 20 per run) and at the end.
     ``checkpoint_dir``: save a checkpoint there every ``checkpoint_every_s`` seconds and resume from the last one
     present (a killed run resumes instead of starting over).
     ``on_checkpoint``: with ``checkpoint_dir``, called on the training thread with each checkpoint folder just

@@ -16,7 +16,8 @@ from llamaduo.storage.keys import checkpoint_prefix, round_key
 from llamaduo.storage.store import ArtifactStore
 
 if TYPE_CHECKING:
-    from llamaduo.services.trainer.domain import TrainProgressInfo, TrainResult
+    from llamaduo.contracts.events import TrainProgress
+    from llamaduo.services.trainer.domain import TrainResult
 
 
 def train_round(
@@ -27,7 +28,7 @@ def train_round(
     round: int,
     work: Path,
     *,
-    progress: Callable[[TrainProgressInfo], None] | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
     every_s: float | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[TrainResult, ArtifactRef]:

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from llamaduo.bus.broker import WorkReturned
-from llamaduo.contracts.events import JudgeItem
+from llamaduo.contracts.events import JudgeItem, TrainProgress
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
 from llamaduo.models.loading import STUDENT_META_FILE
@@ -25,7 +25,6 @@ from llamaduo.services.trainer.checkpoints import (
     remote_checkpoint_step,
     restore_checkpoint,
 )
-from llamaduo.services.trainer.domain import TrainProgressInfo
 from llamaduo.services.trainer.rounds import train_round
 from llamaduo.storage.keys import checkpoint_prefix, predictions_key, shard_key
 from llamaduo.tasks.triage import make_dataset
@@ -63,7 +62,7 @@ def test_checkpoint_in_s3_resumes_on_an_empty_machine(store, tmp_path: Path) -> 
     spec, migration = migration_spec(), mid()  # 8 rows, batch 4, 4 epochs: 8 steps
     prefix = checkpoint_prefix(migration, 0)
 
-    def killer(info: TrainProgressInfo) -> None:
+    def killer(info: TrainProgress) -> None:
         if info.step >= 5:
             raise KeyboardInterrupt("killed")
 

@@ -10,12 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
+from llamaduo.contracts.events import TrainProgress
 from llamaduo.contracts.spec import StudentSpec
 from llamaduo.data.examples import Example
 from llamaduo.models.loading import STUDENT_META_FILE, read_student_meta
 from llamaduo.services.trainer.domain import (
     TrainingStopped,
-    TrainProgressInfo,
     build_dataset,
     build_trainer,
     export_merged,
@@ -82,7 +82,7 @@ def test_full_fine_tuning_lowers_the_loss(tmp_path: Path) -> None:
 
     from llamaduo.models.resolve import resolve_base_model
 
-    reports: list[TrainProgressInfo] = []
+    reports: list[TrainProgress] = []
     s = spec(training={"epochs": 6, "learning_rate": 3e-3, "batch_size": 8, "max_length": 128})
     result = train(s, triage_rows(32), SYSTEM, tmp_path / "out", progress=reports.append)
     assert result.rows == 32 and result.steps == 24 and result.method == "full"
@@ -146,7 +146,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     s = spec(training={"epochs": 4, "learning_rate": 3e-3, "batch_size": 4, "max_length": 128})
     rows = triage_rows(8)  # 8 steps, a log (and progress report) at every step
 
-    def killer(info: TrainProgressInfo) -> None:
+    def killer(info: TrainProgress) -> None:
         if info.step >= 5:
             raise KeyboardInterrupt("killed")
 
@@ -174,7 +174,7 @@ def test_stop_request_saves_a_checkpoint_and_the_next_run_resumes(tmp_path: Path
     rows = triage_rows(8)  # 8 steps
     seen: list[int] = []
 
-    def progress(info: TrainProgressInfo) -> None:
+    def progress(info: TrainProgress) -> None:
         seen.append(info.step)
 
     saved: list[str] = []
