@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -41,6 +42,18 @@ class Settings(BaseSettings):
         default=None, gt=0, description="Override every consumer's ack wait (how soon a dead worker's job moves)"
     )
 
+    # Trust: what a spec may name
+    allowed_plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Code a spec may name besides the installed 'llamaduo.oracles' / 'llamaduo.checkers' entry "
+        "points: comma-separated 'module:attr' refs or module prefixes ('my_tasks' allows my_tasks.*)",
+    )
+    allowed_dataset_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated key prefixes of the bucket a dataset.source 's3://' may read besides the "
+        "migration's own 'migrations/<id>/' (e.g. 'datasets/')",
+    )
+
     # Local
     work_dir: Path = Field(default=Path(".data/work"), description="Scratch space for models and datasets")
     log_level: str = "INFO"
@@ -52,6 +65,13 @@ class Settings(BaseSettings):
         value = value.strip(".")
         if value and not all(part.replace("-", "").replace("_", "").isalnum() for part in value.split(".")):
             raise ValueError(f"LLAMADUO_SUBJECT_PREFIX {value!r} may hold only letters, digits, '-', '_' and '.'")
+        return value
+
+    @field_validator("allowed_plugins", "allowed_dataset_prefixes", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @cached_property

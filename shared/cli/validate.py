@@ -8,14 +8,19 @@ from llamaduo.errors import SpecError
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Load the spec and its user code; a bad one raises :class:`SpecError` naming every problem."""
+    """Load the spec and its user code; a bad one raises :class:`SpecError` naming every problem.
+
+    Code the spec names that the operator did not install or allow (``llamaduo.oracles`` / ``llamaduo.checkers``
+    entry points, ``LLAMADUO_ALLOWED_PLUGINS``) is refused without being imported, as the services refuse it.
+    """
     from llamaduo.contracts.spec import load_spec
     from llamaduo.tasks.plugins import spec_code_problems
 
     spec = load_spec(args.spec)
     problems = spec_code_problems(spec)
     if problems:
-        raise SpecError(f"{args.spec}: user code named in the spec cannot be loaded here (the services that use "
-                        "it need it too):\n" + "\n".join(f"  - {p}" for p in problems))
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise SpecError(f"{args.spec}: user code named in the spec is refused or cannot be loaded here (the "
+                        f"services that use it need it installed and allowed too):\n{lines}")
     print(f"{args.spec}: valid (task {spec.task.name!r}, student {spec.student.base_model})")
     return 0

@@ -27,6 +27,7 @@ class Upper:
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "their_module.py").write_text(textwrap.dedent(USER_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LLAMADUO_ALLOWED_PLUGINS", "their_module,no_such_module_xyz,json:dumps")
     yield "their_module"
     sys.modules.pop("their_module", None)
 

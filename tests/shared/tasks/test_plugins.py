@@ -36,6 +36,7 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
     (tmp_path / f"{name}.py").write_text(USER_CODE)
     (tmp_path / f"{name}_broken.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("LLAMADUO_ALLOWED_PLUGINS", f"{name},{name}_broken")  # the operator allows them
     yield name
     for module in (name, f"{name}_broken"):
         sys.modules.pop(module, None)
