@@ -1,12 +1,17 @@
 """Controller bus adapter: state in JetStream KV, transitions in :mod:`.domain`.
 
-Order per event: load state -> apply -> publish outputs (deterministic ids) -> save state (CAS) -> ack.
-A crash anywhere re-runs the event on redelivery with no double effect.
+Order per event: load state -> publish what an earlier run left in the outbox -> apply -> save the state with
+the outputs in its outbox (CAS) -> markers, manifest, report -> publish the outputs (deterministic ids) ->
+save the state with the outbox cleared -> ack. A client that sees an event (``migration.completed``) reads a
+state that already includes it. A crash anywhere is safe: before the first save the event re-runs on
+redelivery; after it, the next transition of the migration (the redelivery itself) publishes the outbox again,
+same ids, and JetStream drops the copies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import tempfile
 from collections import defaultdict
@@ -21,10 +26,13 @@ from llamaduo.contracts.events import (
     Envelope,
     EvalScoredEvent,
     InferDoneEvent,
+    MigrationFailed,
     MigrationStartEvent,
     Subject,
     SynthReadyEvent,
     TrainDoneEvent,
+    deterministic_id,
+    validate_migration_id,
 )
 from llamaduo.contracts.spec import MigrationSpec, SpecError, parse_spec
 from llamaduo.contracts.state import DataRefs, MigrationState
@@ -64,13 +72,17 @@ class StateStore:
             return None, None
         return MigrationState.model_validate_json(entry.value), entry.revision
 
-    async def save(self, state: MigrationState, revision: int | None) -> None:
+    async def save(self, state: MigrationState, revision: int | None) -> int:
+        """Write ``state`` (create when ``revision`` is None, else compare-and-set); return the new revision."""
         kv = await self.kv()
         data = state.model_dump_json().encode()
         if revision is None:
-            await kv.create(state.migration_id, data)
-        else:
-            await kv.update(state.migration_id, data, last=revision)
+            return int(await kv.create(state.migration_id, data))
+        return int(await kv.update(state.migration_id, data, last=revision))
+
+
+def _outbox(outputs: list[Envelope]) -> list[Envelope[dict[str, Any]]]:
+    return [Envelope[dict[str, Any]].model_validate(o.model_dump(mode="json")) for o in outputs]
 
 
 def _prepare(store: ArtifactStore, migration_id: str, spec: MigrationSpec) -> DataRefs:
@@ -111,32 +123,49 @@ def register(bus: Bus, store: ArtifactStore) -> None:
     states = StateStore(bus)
     locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
+    async def flush(state: MigrationState, rev: int) -> int:
+        """Publish the outbox of an earlier (possibly interrupted) transition, then clear it."""
+        if not state.outbox:
+            return rev
+        for out in state.outbox:
+            await bus.emit(out)
+        state.outbox = []
+        return await states.save(state, rev)
+
+    async def commit(state: MigrationState, rev: int | None, outputs: list[Envelope]) -> None:
+        """Save ``state`` with ``outputs`` in its outbox, then publish them and clear the outbox."""
+        state.outbox = _outbox(outputs)
+        rev = await states.save(state, rev)
+        await asyncio.to_thread(write_manifest, store, state)
+        if state.done:
+            await asyncio.to_thread(_write_html_report, store, state, bus.settings.work_dir)
+        await flush(state, rev)
+
     async def transition(event: Envelope, apply: Callable[[MigrationState], list[Envelope]]) -> None:
         async with locks[event.migration_id]:
             state, rev = await states.load(event.migration_id)
-            if state is None or event.event_id in state.applied:
+            if state is None or rev is None:
+                return
+            rev = await flush(state, rev)
+            if event.event_id in state.applied:
                 return
             closed_before = {r.round for r in state.rounds if r.judging_closed}
             outputs = apply(state)
-            state.applied.append(event.event_id)
+            state.mark_applied(event.event_id)
             for rnd in state.rounds:  # judging closed with batches left: judge workers skip them
                 if rnd.judging_closed and rnd.round not in closed_before:
                     await asyncio.to_thread(store.put_json, judging_closed_key(state.migration_id, rnd.round),
                                             {"round": rnd.round, "decision": rnd.summary.decision
                                              if rnd.summary else None, "cause": event.event_id})
-            for out in outputs:
-                await bus.emit(out)
-            await asyncio.to_thread(write_manifest, store, state)
-            if state.done:
-                await asyncio.to_thread(_write_html_report, store, state, bus.settings.work_dir)
-            await states.save(state, rev)
+            await commit(state, rev, outputs)
 
     @bus.consumer(Subject.MIGRATION_START, CONTROLLER_START, CONTROL)
     async def on_start(event: MigrationStartEvent) -> None:
         """Open a migration: validate the spec, store the data splits, request round 0 training."""
         async with locks[event.migration_id]:
-            existing, _ = await states.load(event.migration_id)
-            if existing is not None:
+            existing, rev = await states.load(event.migration_id)
+            if existing is not None and rev is not None:
+                await flush(existing, rev)
                 log.info("duplicate migration.start ignored", extra={"migration_id": event.migration_id})
                 return
             try:
@@ -145,18 +174,14 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             except (SpecError, DatasetError) as err:
                 reason = "spec" if isinstance(err, SpecError) else "dataset"
                 out = domain.failed_before_start(event, reason, str(err))
-                await bus.emit(out)
                 refused = MigrationState(migration_id=event.migration_id, correlation_id=event.correlation_id,
                                          stage=domain.Stage.FAILED, spec=event.payload.spec,
                                          applied=[event.event_id], outcome=reason)
-                await states.save(refused, None)
+                await commit(refused, None, [out])
                 log.warning("migration refused", extra={"migration_id": event.migration_id, "reason": reason})
                 return
             state, outputs = domain.start(event, spec, data)
-            for out in outputs:
-                await bus.emit(out)
-            await asyncio.to_thread(write_manifest, store, state)
-            await states.save(state, None)
+            await commit(state, None, outputs)
             log.info("migration started", extra={"migration_id": event.migration_id,
                                                  "coverage_rows": data.coverage.rows, "test_rows": data.test.rows})
 
@@ -181,7 +206,10 @@ def register(bus: Bus, store: ArtifactStore) -> None:
     async def on_dead_letter(letter: DeadLetter) -> None:
         """Work that could not be done fails its migration (keeping the best model so far)."""
         plain = bus.settings.unprefixed(letter.subject)
-        if not letter.migration_id or plain == Subject.MIGRATION_START or plain.startswith("dlq."):
+        if plain == Subject.MIGRATION_START:
+            await start_dead_lettered(letter)
+            return
+        if not letter.migration_id or plain.startswith("dlq."):
             return
         try:
             cause = Envelope.model_validate_json(letter.body)
@@ -189,3 +217,38 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             return
         detail = f"{letter.subject} dead-lettered by {letter.service}: {letter.reason}"
         await transition(cause, lambda s: domain.fail(s, cause, "dead_letter", detail))
+
+    async def start_dead_lettered(letter: DeadLetter) -> None:
+        """A ``migration.start`` nobody could process (e.g. it fails validation): when its migration id can be
+        read and the migration has no state yet, fail it with the reason, so a client waiting on it learns why."""
+        try:
+            body = json.loads(letter.body)
+        except ValueError:
+            body = None
+        body = body if isinstance(body, dict) else {}
+        migration_id = letter.migration_id or body.get("migration_id")
+        try:
+            validate_migration_id(str(migration_id))
+        except ValueError:
+            return
+        mid = str(migration_id)
+        start_id = body.get("event_id") if isinstance(body.get("event_id"), str) else deterministic_id("start", mid)
+        correlation = body.get("correlation_id") if isinstance(body.get("correlation_id"), str) else start_id
+        async with locks[mid]:
+            existing, rev = await states.load(mid)
+            if existing is not None and rev is not None:
+                await flush(existing, rev)
+                return
+            invalid = letter.reason.startswith("schema:") or "validation error" in letter.reason.lower()
+            reason = "spec" if invalid else "dead_letter"
+            out = Envelope(
+                event_id=deterministic_id(start_id, Subject.MIGRATION_FAILED, 0, "failed"), migration_id=mid,
+                round=0, type=Subject.MIGRATION_FAILED, correlation_id=correlation, causation_id=start_id,
+                payload=MigrationFailed(reason=reason, detail=f"migration.start dead-lettered by {letter.service}: "
+                                        f"{letter.reason}"))
+            spec = body.get("payload", {}).get("spec") if isinstance(body.get("payload"), dict) else None
+            refused = MigrationState(migration_id=mid, correlation_id=correlation, stage=domain.Stage.FAILED,
+                                     spec=spec if isinstance(spec, dict) else {}, applied=[start_id], outcome=reason)
+            await commit(refused, None, [out])
+            log.warning("dead-lettered migration.start failed its migration",
+                        extra={"migration_id": mid, "reason": reason})

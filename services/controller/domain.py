@@ -1,8 +1,15 @@
 """The controller's state machine: plain functions from (state, event) to (state, commands).
 
-No I/O here. The bus adapter loads the state from the KV store, calls one of these, publishes the returned
-envelopes, then saves the state; every envelope's id is deterministic, so a crash between publishing and
-saving re-publishes the same ids and JetStream drops the copies.
+No I/O here. The bus adapter loads the state from the KV store, calls one of these, saves the state with the
+returned envelopes in its outbox, publishes them, then clears the outbox; every envelope's id is
+deterministic, so a crash between saving and publishing re-publishes the same ids and JetStream drops copies.
+
+Every handler is idempotent on its own (a redelivered event changes nothing): a judged batch is applied once
+(the round's bitmap), train/infer results once per round, synthetic data once per round.
+
+Per ``eval.scored`` the work is constant in the size of the round: the batch is reduced to its
+:class:`GateStats` once and added to running sums; the in-order prefix (published order) grows by the
+batches it reaches, each looked at once by the sequential test.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from llamaduo.contracts.events import (
     MigrationFailed,
     MigrationProgress,
     RoundSummary,
-    Score,
     Stage,
     Subject,
     SynthReady,
@@ -25,10 +31,10 @@ from llamaduo.contracts.events import (
     TrainRequest,
 )
 from llamaduo.contracts.spec import MigrationSpec
-from llamaduo.contracts.state import DataRefs, MigrationState, RoundState
-from llamaduo.services.controller.early_stopping import GateInterval, Verdict, sequential_decision
-from llamaduo.services.controller.gate import aggregate
-from llamaduo.storage.keys import migration_key
+from llamaduo.contracts.state import DataRefs, GateStats, MigrationState, RoundState
+from llamaduo.services.controller.early_stopping import GateInterval, Verdict, sequential_decision_stats
+from llamaduo.services.controller.gate import aggregate_stats
+from llamaduo.storage.keys import batch_scores_prefix, migration_key
 
 Outputs = list[Envelope]
 
@@ -47,8 +53,8 @@ def start(cause: Envelope, spec: MigrationSpec, data: DataRefs) -> tuple[Migrati
         correlation_id=cause.correlation_id,
         spec=spec.model_dump(mode="json"),
         data=data,
-        applied=[cause.event_id],
     )
+    state.mark_applied(cause.event_id)
     rows = data.coverage.rows or 0
     state.rounds.append(RoundState(round=0, datasets=[data.coverage], train_rows=rows))
     return state, [
@@ -60,7 +66,7 @@ def start(cause: Envelope, spec: MigrationSpec, data: DataRefs) -> tuple[Migrati
 
 def on_train_done(state: MigrationState, event: Envelope[TrainDone]) -> Outputs:
     rnd = state.current(event.round)
-    if rnd is None or state.done:
+    if rnd is None or state.done or rnd.adapter is not None:
         return []
     rnd.adapter = event.payload.adapter
     rnd.merged = event.payload.merged
@@ -70,7 +76,7 @@ def on_train_done(state: MigrationState, event: Envelope[TrainDone]) -> Outputs:
 
 def on_infer_done(state: MigrationState, event: Envelope[InferDone]) -> Outputs:
     rnd = state.current(event.round)
-    if rnd is None or state.done:
+    if rnd is None or state.done or rnd.predictions is not None:
         return []
     rnd.predictions = event.payload.predictions
     rnd.batches = event.payload.batches
@@ -78,86 +84,115 @@ def on_infer_done(state: MigrationState, event: Envelope[InferDone]) -> Outputs:
     rnd.to_judge = total
     if rnd.summary is not None:  # judged (and closed) before infer.done got here
         return []
-    judged = sum(len(s) for s in rnd.scores.values())
-    return [_progress(state, event, event.round, Stage.JUDGING, judged=judged, to_judge=total)]
+    return [_progress(state, event, event.round, Stage.JUDGING, judged=rnd.totals.answers, to_judge=total)]
 
 
 def on_eval_scored(state: MigrationState, event: Envelope[EvalScored]) -> Outputs:
     """Collect one judged batch; gate the round when it is complete, or earlier when the sequential test
-    decides it (``judge.early_stopping``), or fail the migration when judging ran out of budget.
+    decides it (``judge.early_stopping``) on the in-order prefix of batches, or end the migration when judging
+    ran out of budget or the judge failed on too many answers (``judge.min_judged_fraction``).
 
     A batch of a round already closed (early) is not scored; its service usage still counts, once.
     """
     rnd = state.current(event.round)
     p = event.payload
-    if rnd is None or state.done or p.batch in rnd.scores:
+    if rnd is None or state.done or rnd.has_batch(p.batch):
         return []  # unknown round, finished migration, or a batch counted already
+    rnd.mark_batch(p.batch)
     if rnd.summary is not None:
-        if p.batch not in rnd.late_batches:
-            rnd.late_batches.append(p.batch)
-            rnd.usage = rnd.usage + p.usage
-            state.usage = state.usage + p.usage
+        rnd.late_count += 1
+        rnd.usage = rnd.usage + p.usage
+        state.usage = state.usage + p.usage
         return []
-    rnd.scores[p.batch] = p.scores
+    stats = GateStats.from_scores(p.scores)
+    rnd.totals = rnd.totals + stats
     rnd.batches = p.batches
     rnd.usage = rnd.usage + p.usage
     rnd.judge_provider = p.provider
     rnd.budget_exhausted = rnd.budget_exhausted or p.budget_exhausted
     state.usage = state.usage + p.usage
-    judged = sum(len(s) for s in rnd.scores.values())
     spec = state.parsed_spec
-    complete = len(rnd.scores) >= p.batches
+    judge = spec.judge
+    complete = rnd.received_count >= p.batches
+    # to_judge comes with infer.done; a batch may be scored before that arrives: then bound it
+    to_judge = rnd.to_judge if rnd.to_judge is not None else p.batches * judge.batch_size
+    rnd.pending[p.batch] = stats
     verdict: Verdict | None = None
     interval: GateInterval | None = None
-    if not complete and spec.judge.early_stopping:
-        # to_judge comes with infer.done; a batch may be scored before that arrives: then bound it
-        to_judge = rnd.to_judge if rnd.to_judge is not None else p.batches * spec.judge.batch_size
-        verdict, interval = sequential_decision(
-            _round_scores(rnd), spec.judge.gate, spec.judge.threshold, to_judge=to_judge, looks=p.batches,
-            confidence=spec.judge.confidence, min_judged=spec.judge.min_judged)
+    while rnd.prefix_batches in rnd.pending:  # the published order: each prefix is looked at once
+        rnd.prefix = rnd.prefix + rnd.pending.pop(rnd.prefix_batches)
+        rnd.prefix_batches += 1
+        prefix = rnd.prefix
+        if (verdict is None and not complete and judge.early_stopping
+                and prefix.judged >= judge.min_judged_fraction * prefix.answers):
+            verdict, interval = sequential_decision_stats(
+                prefix, judge.gate, judge.threshold, to_judge=to_judge, looks=p.batches,
+                confidence=judge.confidence, min_judged=judge.min_judged)
+            if verdict is not None:
+                rnd.pending.clear()  # the rest of the round is never looked at
+                break
     if verdict is not None:
         rnd.judging_closed = True
-        return _close_round(state, rnd, event, verdict=verdict, interval=interval,
-                            budget_exhausted=rnd.budget_exhausted)
+        return _close_round(state, rnd, event, rnd.prefix, answers=rnd.prefix.answers, verdict=verdict,
+                            interval=interval, budget_exhausted=rnd.budget_exhausted)
     if rnd.budget_exhausted:
         rnd.judging_closed = not complete
-        return _close_round(state, rnd, event, budget_exhausted=True)
+        return _close_round(state, rnd, event, rnd.totals, answers=to_judge, budget_exhausted=True)
+    if rnd.totals.failed > (1.0 - judge.min_judged_fraction) * to_judge:
+        rnd.judging_closed = not complete  # the round can no longer reach the judged share: stop now
+        return _close_round(state, rnd, event, rnd.totals, answers=to_judge)
     if not complete:
-        return [_progress(state, event, event.round, Stage.JUDGING, detail=f"batch {len(rnd.scores)}",
-                          judged=judged)]
-    return _close_round(state, rnd, event)
+        return [_progress(state, event, event.round, Stage.JUDGING, detail=f"batch {rnd.received_count}",
+                          judged=rnd.totals.answers)]
+    rnd.pending.clear()
+    answers = max(rnd.to_judge or 0, rnd.totals.answers)  # every batch is in: without infer.done, all it had
+    return _close_round(state, rnd, event, rnd.totals, answers=answers)
 
 
-def _round_scores(rnd: RoundState) -> list[Score]:
-    return [s for batch in sorted(rnd.scores) for s in rnd.scores[batch]]
+def _plateau(state: MigrationState, gate: str) -> str | None:
+    """Why the migration stopped improving (``budget.patience``, ``budget.min_gain``), or None."""
+    budget = state.parsed_spec.budget
+    values = [r.summary.aggregates.get(gate, 0.0) for r in state.rounds if r.summary]
+    if budget.patience is None or len(values) <= budget.patience:
+        return None
+    before, recent = max(values[:-budget.patience]), max(values[-budget.patience:])
+    if recent >= before + budget.min_gain:
+        return None
+    return (f"{gate} did not rise by budget.min_gain {budget.min_gain} over {budget.patience} round(s) "
+            f"(best before {before:.1f}, since {recent:.1f}): plateau")
 
 
-def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope, *, verdict: Verdict | None = None,
-                 interval: GateInterval | None = None, budget_exhausted: bool = False) -> Outputs:
-    """Gate the round on its judged answers: all of them, or (``verdict``) the sequential test's decision
-    on a part, or (``budget_exhausted``) a part that the budget cut short, which fails the migration."""
+def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope, stats: GateStats, *, answers: int,
+                 verdict: Verdict | None = None, interval: GateInterval | None = None,
+                 budget_exhausted: bool = False) -> Outputs:
+    """Gate the round on ``stats`` of its judged answers out of ``answers``: all of them, or (``verdict``) the
+    sequential test's decision on a prefix, or (``budget_exhausted``) a part that the budget cut short, which
+    fails the migration; too small a judged share fails it as ``judge_unavailable``."""
     spec = state.parsed_spec
-    scores = _round_scores(rnd)
-    agg = aggregate(scores)
-    value = agg.get(spec.judge.gate, 0.0)
-    passed = (verdict == "above") if verdict is not None else (value >= spec.judge.threshold
-                                                                and not budget_exhausted)
+    judge = spec.judge
+    agg = aggregate_stats(stats)
+    value = agg.get(judge.gate, 0.0)
+    judged_share = stats.judged / answers if answers else 0.0
+    enough = judged_share >= judge.min_judged_fraction
+    passed = enough and ((verdict == "above") if verdict is not None else (value >= judge.threshold
+                                                                            and not budget_exhausted))
     budget = spec.budget
     over_tokens = budget.max_service_tokens is not None and state.usage.tokens >= budget.max_service_tokens
     over_cost = budget.max_cost is not None and state.usage.cost >= budget.max_cost
     out_of_budget = over_tokens or over_cost or budget_exhausted
     last_round = rnd.round + 1 >= budget.max_rounds
-    decision = "pass" if passed else ("stop" if (last_round or out_of_budget) else "continue")
-    to_judge = rnd.to_judge if rnd.to_judge is not None else len(scores)
+    to_judge = rnd.to_judge if rnd.to_judge is not None else answers
     rnd.summary = RoundSummary(
         round=rnd.round, train_rows=rnd.train_rows, synthetic_rows=rnd.synthetic_rows, adapter=rnd.adapter,
         train_loss=rnd.train_loss, aggregates={k: float(v) for k, v in agg.items()},
-        judged=int(agg.get("judged", len(scores))), failed_judgements=int(agg.get("failed", 0)),
-        to_judge=to_judge, gate_metric=spec.judge.gate, threshold=spec.judge.threshold, decision=decision,
-        early_stopped=verdict is not None,
+        judged=stats.judged, failed_judgements=stats.failed, to_judge=to_judge, gate_metric=judge.gate,
+        threshold=judge.threshold, decision="pass" if passed else "continue", early_stopped=verdict is not None,
         gate_interval=(interval.low, interval.high) if interval is not None and verdict is not None else None,
-        confidence=spec.judge.confidence if verdict is not None else None, usage=rnd.usage,
+        confidence=judge.confidence if verdict is not None else None, usage=rnd.usage,
     )
+    plateau = None if passed or last_round or out_of_budget or not enough else _plateau(state, judge.gate)
+    stop = not passed and (last_round or out_of_budget or not enough or plateau is not None)
+    rnd.summary.decision = "pass" if passed else ("stop" if stop else "continue")
     summaries = [r.summary for r in state.rounds if r.summary]
     if passed:
         state.stage, state.outcome = Stage.COMPLETED, "completed"
@@ -165,24 +200,31 @@ def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope, *, ver
             model=rnd.adapter or ArtifactRef(key=""), best_round=rnd.round, rounds=summaries, usage=state.usage,
             report=ArtifactRef(key=migration_key(state.migration_id, "report", "report.html")),
         ), key="completed")]
-    if decision == "stop":
-        reason = "budget" if out_of_budget else "max_rounds"
-        if reason == "max_rounds":
-            detail = f"{spec.judge.gate} {value:.1f} < {spec.judge.threshold} after {rnd.round + 1} rounds"
-        elif budget_exhausted:
-            detail = (f"judging round {rnd.round} stopped at {len(scores)}/{to_judge} answers: the next service "
-                      f"call would have exceeded the budget (spent {state.usage.tokens} tokens / "
-                      f"{state.usage.cost:.4f} cost)")
-        else:
-            detail = f"service usage {state.usage.tokens} tokens / {state.usage.cost:.4f} cost reached the budget"
-        return fail(state, cause, reason, detail)
-    failed_ids = sorted({s.item_id for s in scores if s.failed or (s.similarity or 0) < 50})
+    if stop:
+        if budget_exhausted:
+            return fail(state, cause, "budget", (
+                f"judging round {rnd.round} stopped at {stats.answers}/{to_judge} answers: the next service "
+                f"call would have exceeded the budget (spent {state.usage.tokens} tokens / "
+                f"{state.usage.cost:.4f} cost)"))
+        if not enough:
+            return fail(state, cause, "judge_unavailable", (
+                f"round {rnd.round}: the judge scored {stats.judged} of {answers} answers ({judged_share:.0%}), "
+                f"below judge.min_judged_fraction {judge.min_judged_fraction}; {stats.failed} judgements failed "
+                f"after the judge's retries (see their reasons under "
+                f"{batch_scores_prefix(state.migration_id, rnd.round)}); fix the judge provider and start again"))
+        if out_of_budget:
+            return fail(state, cause, "budget", f"service usage {state.usage.tokens} tokens / "
+                        f"{state.usage.cost:.4f} cost reached the budget")
+        if plateau is not None:
+            return fail(state, cause, "plateau", plateau)
+        return fail(state, cause, "max_rounds",
+                    f"{judge.gate} {value:.1f} < {judge.threshold} after {rnd.round + 1} rounds")
     nxt = rnd.round + 1
     return [
         _progress(state, cause, nxt, Stage.SYNTHESIS, f"round {nxt}"),
         cause.follow(Subject.SYNTH_REQUEST, SynthRequest(
             samples=spec.synthesis.samples_per_round, exclude_seed_ids=list(state.used_seed_ids),
-            failed_item_ids=failed_ids,
+            scores_round=rnd.round,
         ), round=nxt, key="synth"),
     ]
 
@@ -197,6 +239,11 @@ def on_synth_ready(state: MigrationState, event: Envelope[SynthReady]) -> Output
         return fail(state, event, "budget", f"synthesis for round {event.round} stopped after {p.kept} examples: "
                     f"the next teacher call would have exceeded the budget (spent {state.usage.tokens} tokens "
                     f"/ {state.usage.cost:.4f} cost)")
+    if p.kept == 0 or p.dataset.rows == 0:
+        state.usage = state.usage + p.usage
+        return fail(state, event, "synthesis_exhausted",
+                    f"synthesis for round {event.round} kept 0 of {p.generated} generated examples (removed: "
+                    f"{p.removed or 'none'}): retraining on the same data cannot improve; the best round is kept")
     state.synthetic.append(p.dataset)
     state.used_seed_ids.extend(i for i in p.seed_ids if i not in state.used_seed_ids)
     state.usage = state.usage + p.usage

@@ -1,6 +1,9 @@
 """Sequential early stopping of judging: decide a round's gate before every answer is judged.
 
-Judged batches arrive one by one. After each, the controller asks :func:`sequential_decision` whether the
+Judged batches arrive one by one, in any order. A batch counts only once every batch before it in the
+*published* order (the seeded shuffle of the inference service) is in: the looks are taken on the in-order
+prefix, so batches that arrive early (cached answers, a fast worker) cannot bias the sample. After the prefix
+grows, the controller asks :func:`sequential_decision_stats` whether the
 gated aggregate *of the whole round* (the value judging every answer would give) already lies above or
 below the threshold with the requested confidence; if so, it closes the round and the other batches are
 never judged.
@@ -21,7 +24,8 @@ The interval (pure functions, no I/O) is the intersection of two bounds on the f
 
 Both contain ``mu`` (the first with the stated probability), so their intersection does too. One bound
 serves every gate: means of 1..100 scores (``similarity_mean``, ``precision_mean``; range ``[1, 100]``)
-and coverage shares (``coverage_50``/``coverage_70``: each answer contributes 100 or 0; range ``[0, 100]``).
+and coverage shares (``coverage_*``, ``precision_coverage_*``: each answer contributes 100 or 0; range
+``[0, 100]``). Only sums and counts are needed (:class:`~llamaduo.contracts.state.GateStats`).
 Failed judgements are left out of the aggregate, so they leave the population too (``N`` shrinks); both
 bounds stay conservative when later answers fail as well.
 """
@@ -34,7 +38,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from llamaduo.contracts.events import Score
-from llamaduo.services.controller.gate import gate_range, gate_values
+from llamaduo.contracts.state import GateStats
+from llamaduo.services.controller.gate import gate_range, gate_total
 
 Verdict = Literal["above", "below"]
 
@@ -81,14 +86,27 @@ def confidence_interval(
     """Interval for the mean over all ``population`` values from the first ``len(values)`` (see the module
     docstring): Hoeffding-Serfling at ``delta = (1 - confidence) / looks`` intersected with the
     deterministic bounds. ``population`` is raised to ``len(values)`` if smaller."""
+    return interval_from_sum(float(sum(values)), len(values), population, lo, hi, confidence=confidence,
+                             looks=looks)
+
+
+def interval_from_sum(
+    total: float,
+    n: int,
+    population: int,
+    lo: float,
+    hi: float,
+    *,
+    confidence: float = 0.95,
+    looks: int = 1,
+) -> GateInterval:
+    """:func:`confidence_interval` from the sum ``total`` of ``n`` values (all it needs)."""
     if not 0 < confidence < 1:
         raise ValueError("confidence must be in (0, 1)")
-    n = len(values)
     population = max(population, n)
     looks = max(1, looks)
     if n == 0:
         return GateInterval((lo + hi) / 2, lo, hi, 0, population, confidence, looks)
-    total = float(sum(values))
     mean = total / n
     rest = population - n
     det_low, det_high = (total + rest * lo) / population, (total + rest * hi) / population
@@ -114,10 +132,24 @@ def sequential_decision(
     this is asked for the round (its number of batches). No verdict before ``min_judged`` answers were
     judged successfully.
     """
-    values = gate_values(scores, gate)
-    failed = len(scores) - len(values)
+    return sequential_decision_stats(GateStats.from_scores(list(scores)), gate, threshold, to_judge=to_judge,
+                                     looks=looks, confidence=confidence, min_judged=min_judged)
+
+
+def sequential_decision_stats(
+    stats: GateStats,
+    gate: str,
+    threshold: float,
+    *,
+    to_judge: int,
+    looks: int,
+    confidence: float = 0.95,
+    min_judged: int = 10,
+) -> tuple[Verdict | None, GateInterval]:
+    """:func:`sequential_decision` from the statistics of the answers judged so far (constant time)."""
     lo, hi = gate_range(gate)
-    interval = confidence_interval(values, to_judge - failed, lo, hi, confidence=confidence, looks=looks)
-    if len(values) < min_judged:
+    interval = interval_from_sum(gate_total(stats, gate), stats.judged, to_judge - stats.failed, lo, hi,
+                                 confidence=confidence, looks=looks)
+    if stats.judged < min_judged:
         return None, interval
     return interval.verdict(threshold), interval

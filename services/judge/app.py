@@ -7,6 +7,10 @@ and without a reply. With a budget in the spec, every call goes through the migr
 (:mod:`llamaduo.providers.budget`); a refused call leaves its answers unjudged and the reply says
 ``budget_exhausted``.
 
+Each judged batch's scores (one ``Score`` per answer, with its reason) are stored as one S3 object,
+``round-N/scores/batch-XXXXX.jsonl``, before ``eval.scored`` is published: the controller keeps only their
+statistics, and the synthesizer reads the failed items from there.
+
 With ``judge.method: programmatic`` no provider is built: the checker named by ``judge.checker`` is
 loaded once per migration and scores the answers (no calls, zero usage). A checker that cannot be loaded
 is a permanent error: the batch is dead-lettered with the reason, and the controller fails the migration.
@@ -22,7 +26,7 @@ from llamaduo.bus.broker import Bus, Delivery, PermanentError
 from llamaduo.contracts.events import EvalScored, JudgeRequestEvent, Subject
 from llamaduo.providers.base import Provider, make_provider
 from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
-from llamaduo.storage.keys import judging_closed_key
+from llamaduo.storage.keys import batch_scores_key, judging_closed_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
 if TYPE_CHECKING:
@@ -76,7 +80,9 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                                               temperature=spec.judge_llm.temperature)
             judged_by = provider.name
             exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
+        stored = await asyncio.to_thread(
+            store.put_jsonl, batch_scores_key(event.migration_id, event.round, event.payload.batch), scores)
         await bus.emit(event.follow(Subject.EVAL_SCORED, EvalScored(
             batch=event.payload.batch, batches=event.payload.batches, scores=scores, usage=usage,
-            provider=judged_by, budget_exhausted=exhausted,
+            provider=judged_by, budget_exhausted=exhausted, scores_ref=stored,
         ), key=f"scored-{event.payload.batch}"))

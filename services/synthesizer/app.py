@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 
 from llamaduo.bus.broker import Bus, Delivery
-from llamaduo.contracts.events import Subject, SynthReady, SynthRequestEvent
+from llamaduo.contracts.events import Score, Subject, SynthReady, SynthRequestEvent
 from llamaduo.data.examples import Example
 from llamaduo.providers.base import make_provider
 from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
-from llamaduo.storage.keys import data_key, round_key
+from llamaduo.storage.keys import batch_scores_prefix, data_key, round_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
 SYNTHESIS = Delivery(max_deliver=4, ack_wait=60.0, backoff=(2.0, 10.0, 30.0))
@@ -32,9 +32,17 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         train = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "train"), Example)
         test = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "test"), Example)
+        request = event.payload
+        if request.scores_round is not None:  # failed test items, from the judged round's score objects
+            def failed_ids(round: int) -> list[str]:
+                keys = store.list(batch_scores_prefix(event.migration_id, round))
+                return sorted({s.item_id for k in keys for s in store.read_models(k, Score)
+                               if s.failed or (s.similarity or 0) < 50})
+            ids = await asyncio.to_thread(failed_ids, request.scores_round)
+            request = request.model_copy(update={"failed_item_ids": ids})
         provider = await budgeted_provider(bus, event.migration_id, spec.budget, make_provider(spec.teacher, spec.task))
         try:
-            result = await synthesize(train, test, event.payload, spec.synthesis, provider, round=event.round,
+            result = await synthesize(train, test, request, spec.synthesis, provider, round=event.round,
                                       seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,
                                       near_duplicate_threshold=spec.synthesis.near_duplicate_threshold)
         finally:

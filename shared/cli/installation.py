@@ -6,9 +6,13 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llamaduo.cli.common import fail, load_settings
 from llamaduo.errors import LlamaDuoError
+
+if TYPE_CHECKING:
+    from llamaduo.contracts.state import MigrationState
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -21,19 +25,48 @@ def cmd_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _round_rows(state: MigrationState) -> list[dict[str, Any]]:
+    """One mapping per round: gate value, judged share, decision (None while the round is not gated)."""
+    rows = []
+    for r in state.rounds:
+        s = r.summary
+        rows.append({
+            "round": r.round, "train_rows": r.train_rows, "synthetic_rows": r.synthetic_rows,
+            "gate": s.gate_metric if s else None, "value": s.aggregates.get(s.gate_metric) if s else None,
+            "threshold": s.threshold if s else None, "judged": s.judged if s else r.totals.judged,
+            "failed": s.failed_judgements if s else r.totals.failed, "to_judge": s.to_judge if s else r.to_judge,
+            "aggregates": s.aggregates if s else {}, "early_stopped": s.early_stopped if s else False,
+            "decision": s.decision if s else None,
+        })
+    return rows
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """One line per migration (stage, latest round, outcome); ``--json``: the same as a JSON list."""
+    """One line per migration (stage, latest round, outcome); with an id, also its rounds with their scores and
+    decisions; ``--json``: the same as a JSON list (``rounds`` holds the per-round rows)."""
     from llamaduo.bus.client import list_states
 
     states = asyncio.run(list_states(load_settings(), args.id))
     if args.json:
         print(json.dumps([{"migration_id": s.migration_id, "stage": str(s.stage), "outcome": s.outcome,
-                           "round": len(s.rounds) - 1} for s in states]))
+                           "round": len(s.rounds) - 1, "rounds": _round_rows(s)} for s in states]))
         return 0
     if not states:
         print("no migrations")
     for s in states:
         print(f"{s.migration_id}: {s.stage} (round {len(s.rounds) - 1}){' ' + s.outcome if s.outcome else ''}")
+        if not args.id:
+            continue
+        for row in _round_rows(s):
+            value = "-" if row["value"] is None else f"{row['value']:.1f}"
+            agg = row["aggregates"]
+            others = " ".join(f"{k}={agg[k]:.1f}" for k in ("similarity_mean", "precision_mean", "coverage_50",
+                                                             "precision_coverage_50") if k in agg)
+            print(f"  round {row['round']}: {row['gate'] or 'gate'} {value}"
+                  f"{'' if row['threshold'] is None else ' / ' + format(row['threshold'], 'g')}"
+                  f"  judged {row['judged']}/{row['to_judge'] if row['to_judge'] is not None else '?'}"
+                  f" (failed {row['failed']}){' early' if row['early_stopped'] else ''}"
+                  f"  {others}  decision: {row['decision'] or 'pending'}")
     return 0
 
 

@@ -191,13 +191,23 @@ class EvalScored(BaseModel):
     budget_exhausted: bool = Field(
         default=False, description="Some answers were not judged: a call would have exceeded the budget"
     )
+    scores_ref: ArtifactRef | None = Field(
+        default=None, description="The batch's scores as stored in S3 (round-N/scores/batch-XXXXX.jsonl)"
+    )
 
 
 class SynthRequest(BaseModel):
     samples: int = Field(description="How many new examples to aim for")
     exclude_seed_ids: list[str] = Field(default_factory=list, description="Seeds used by earlier rounds")
+    scores_round: int | None = Field(
+        default=None,
+        description="Round whose judged batches (S3 objects round-N/scores/batch-XXXXX.jsonl) name the test items "
+        "the student failed, for the targeted strategy; the synthesizer reads them (the event stays small)",
+    )
     failed_item_ids: list[str] = Field(
-        default_factory=list, description="Test items the student failed (for the targeted strategy)"
+        default_factory=list,
+        description="Test items the student failed; the controller leaves it empty (see scores_round), the "
+        "synthesizer fills it from the score objects before synthesizing",
     )
 
 
@@ -253,7 +263,10 @@ class MigrationCompleted(BaseModel):
 
 
 class MigrationFailed(BaseModel):
-    reason: str = Field(description="Machine-readable reason: spec, budget, max_rounds, error, dead_letter")
+    reason: str = Field(
+        description="Machine-readable reason: spec, dataset, budget, max_rounds, plateau, judge_unavailable, "
+        "synthesis_exhausted, dead_letter"
+    )
     detail: str = ""
     best_model: ArtifactRef | None = None
     best_round: int | None = None

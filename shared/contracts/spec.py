@@ -160,7 +160,10 @@ class ProviderSpec(_Strict):
 #: Checkers the judge has built in (``judge.checker``); anything else names user code.
 BUILTIN_CHECKERS = ("exact", "normalised", "json_fields")
 
-AggregateName = Literal["similarity_mean", "precision_mean", "coverage_50", "coverage_70"]
+#: Gate aggregates: means of the 1..100 scores, and coverages (percent of judged answers scoring >= 50 / >= 70)
+#: on similarity (``coverage_50``/``coverage_70``) and on precision (``precision_coverage_50``/``_70``).
+AggregateName = Literal["similarity_mean", "precision_mean", "coverage_50", "coverage_70",
+                        "precision_coverage_50", "precision_coverage_70"]
 
 
 class JudgeSpec(_Strict):
@@ -190,6 +193,12 @@ class JudgeSpec(_Strict):
         default=0.95, gt=0, lt=1, description="Confidence of the early-stopping interval (over all looks)"
     )
     min_judged: int = Field(default=10, ge=1, description="Answers judged before early stopping may decide")
+    min_judged_fraction: float = Field(
+        default=0.9, gt=0, le=1,
+        description="Share of a round's answers that must be judged (not failed) for its gate to count: a round "
+        "below it does not pass, and the migration ends with reason 'judge_unavailable' before any synthesis "
+        "(the judge already retried each answer: max_attempts, and the provider's max_retries)",
+    )
 
     @field_validator("checker")
     @classmethod
@@ -255,6 +264,14 @@ class ServeSpec(_Strict):
     model_name: str | None = Field(
         default=None, min_length=1, description="Name clients pass as 'model' (default: the migration id)"
     )
+    patience: int | None = Field(
+        default=None, ge=1,
+        description="Plateau stop: end the migration (reason 'plateau', keeping the best round) when the last "
+        "`patience` rounds did not raise the best gate value by at least `min_gain`; null = off",
+    )
+    min_gain: float = Field(
+        default=1.0, ge=0, description="Plateau stop: the smallest rise of the gate value that counts as progress"
+    )
 
 
 class MigrationSpec(_Strict):
@@ -273,6 +290,26 @@ class MigrationSpec(_Strict):
     @property
     def judge_llm(self) -> ProviderSpec:
         return self.judge_provider or self.teacher
+
+    @model_validator(mode="after")
+    def _draws_need_temperature(self) -> MigrationSpec:
+        """M judgements or K samples at temperature 0 are copies of one (the cache, greedy decoding)."""
+        m = self.judge.judgements_per_answer
+        if self.judge.method == "llm" and m > 1 and self.judge_llm.temperature == 0:
+            where = "judge_provider" if self.judge_provider is not None else "teacher"
+            raise ValueError(
+                f"judge.judgements_per_answer is {m} but {where}.temperature is 0: the {m} judgements would be one "
+                f"judgement repeated; set judge.judgements_per_answer to 1 or {where}.temperature above 0"
+            )
+        inference = self.student.inference
+        k = inference.samples_per_prompt
+        if k > 1 and inference.temperature == 0:
+            raise ValueError(
+                f"student.inference.samples_per_prompt is {k} but student.inference.temperature is 0: greedy "
+                f"decoding gives {k} copies of one answer; set student.inference.samples_per_prompt to 1 or "
+                "student.inference.temperature above 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _oracle_for_simulated(self) -> MigrationSpec:

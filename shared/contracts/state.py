@@ -2,18 +2,86 @@
 
 The controller is its only writer; clients (``llamaduo status``) and the manifest read it. It is stored as
 JSON, so a field added here needs a default for states written before it.
+
+**Size.** The value must not grow with the number of judged answers (NATS refuses values over 1 MiB by
+default). Per-answer scores live in S3, one object per judged batch (``round-N/scores/batch-XXXXX.jsonl``,
+written by the judge); a round keeps only :class:`GateStats` (sums and counts: the sufficient statistics of
+every gate aggregate and of the sequential test), a bitmap of the batches already applied (1 bit per judge
+batch, hex), and the statistics of batches that arrived ahead of the published order until the in-order
+prefix reaches them. ``applied`` keeps only the last :data:`APPLIED_KEEP` event ids: every handler is also
+idempotent on its own (a batch is applied once by the bitmap; train/infer/synth results once per round).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
-from llamaduo.contracts.events import ArtifactRef, RoundSummary, Score, Stage, Usage
+from llamaduo.contracts.events import ArtifactRef, Envelope, RoundSummary, Score, Stage, Usage
 from llamaduo.contracts.spec import MigrationSpec
+
+#: How many recent event ids :attr:`MigrationState.applied` keeps (a fast path; handlers are idempotent).
+APPLIED_KEEP = 64
+
+
+class GateStats(BaseModel):
+    """Sums and counts over a set of answers, enough for every gate aggregate and the sequential test.
+
+    ``judged`` answers have both scores; ``failed`` ones (judging failed) have none and count nowhere else.
+    """
+
+    judged: int = 0
+    failed: int = 0
+    similarity_sum: float = 0.0
+    precision_sum: float = 0.0
+    similarity_ge50: int = 0
+    similarity_ge70: int = 0
+    precision_ge50: int = 0
+    precision_ge70: int = 0
+
+    @classmethod
+    def from_scores(cls, scores: list[Score]) -> GateStats:
+        """Statistics of one batch of scores (one :class:`Score` per answer)."""
+        stats = cls()
+        for s in scores:
+            if s.failed or s.similarity is None or s.precision is None:
+                stats.failed += 1
+                continue
+            sim, prec = float(s.similarity), float(s.precision)
+            stats.judged += 1
+            stats.similarity_sum += sim
+            stats.precision_sum += prec
+            stats.similarity_ge50 += sim >= 50
+            stats.similarity_ge70 += sim >= 70
+            stats.precision_ge50 += prec >= 50
+            stats.precision_ge70 += prec >= 70
+        return stats
+
+    def __add__(self, other: GateStats) -> GateStats:
+        return GateStats(**{name: getattr(self, name) + getattr(other, name) for name in GateStats.model_fields})
+
+    @property
+    def answers(self) -> int:
+        """Answers counted, judged or not."""
+        return self.judged + self.failed
+
+
+def _bit(bitmap: str, index: int) -> bool:
+    byte = index // 8
+    return byte * 2 < len(bitmap) and bool(int(bitmap[byte * 2:byte * 2 + 2], 16) & (1 << (index % 8)))
+
+
+def _set_bit(bitmap: str, index: int) -> str:
+    byte = index // 8
+    if len(bitmap) < (byte + 1) * 2:
+        bitmap = bitmap + "00" * (byte + 1 - len(bitmap) // 2)
+    value = int(bitmap[byte * 2:byte * 2 + 2], 16) | (1 << (index % 8))
+    return f"{bitmap[:byte * 2]}{value:02x}{bitmap[byte * 2 + 2:]}"
 
 
 class RoundState(BaseModel):
-    """One round: what it trained on, what it produced, how it was judged."""
+    """One round: what it trained on, what it produced, how it was judged (statistics, not scores)."""
 
     round: int
     datasets: list[ArtifactRef]
@@ -24,7 +92,14 @@ class RoundState(BaseModel):
     train_loss: float | None = None
     predictions: ArtifactRef | None = None
     batches: int | None = None
-    scores: dict[int, list[Score]] = Field(default_factory=dict, description="Scores by judge batch")
+    received: str = Field(default="", description="Bitmap (hex, bit b = batch b) of the eval.scored applied")
+    received_count: int = Field(default=0, description="Number of batches set in ``received``")
+    totals: GateStats = Field(default_factory=GateStats, description="Over every batch applied while open")
+    prefix_batches: int = Field(default=0, description="Batches 0..prefix_batches-1 (published order) all in")
+    prefix: GateStats = Field(default_factory=GateStats, description="Over the in-order prefix of batches")
+    pending: dict[int, GateStats] = Field(
+        default_factory=dict, description="Batches in, beyond the prefix (dropped once the prefix reaches them)"
+    )
     to_judge: int | None = Field(default=None, description="Answers to judge (from infer.done)")
     judge_provider: str = ""
     usage: Usage = Field(default_factory=Usage)
@@ -32,15 +107,23 @@ class RoundState(BaseModel):
     judging_closed: bool = Field(
         default=False, description="Closed with batches outstanding: judges skip the rest (marker object)"
     )
-    late_batches: list[int] = Field(
-        default_factory=list, description="Batches scored after the round closed: usage counted, scores not"
-    )
+    late_count: int = Field(default=0, description="Batches scored after the round closed: usage counted")
     budget_exhausted: bool = False
+
+    def has_batch(self, batch: int) -> bool:
+        """True when batch ``batch``'s eval.scored was applied (before or after the round closed)."""
+        return _bit(self.received, batch)
+
+    def mark_batch(self, batch: int) -> None:
+        """Record batch ``batch`` as applied (once)."""
+        if not self.has_batch(batch):
+            self.received = _set_bit(self.received, batch)
+            self.received_count += 1
 
     @property
     def batches_outstanding(self) -> bool:
         """True while judge batches are unknown or not all scored."""
-        return self.batches is None or len(self.scores) < self.batches
+        return self.batches is None or self.received_count < self.batches
 
 
 class DataRefs(BaseModel):
@@ -63,7 +146,14 @@ class MigrationState(BaseModel):
     used_seed_ids: list[str] = Field(default_factory=list)
     synthetic: list[ArtifactRef] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
-    applied: list[str] = Field(default_factory=list, description="Event ids already applied")
+    applied: list[str] = Field(
+        default_factory=list, description=f"The last {APPLIED_KEEP} event ids applied (handlers are idempotent)"
+    )
+    outbox: list[Envelope[dict[str, Any]]] = Field(
+        default_factory=list,
+        description="Outputs of the last transition, saved before they are published and cleared after: a "
+        "crash in between re-publishes them (same event ids, so JetStream drops copies)",
+    )
     outcome: str | None = None
 
     @property
@@ -75,6 +165,11 @@ class MigrationState(BaseModel):
     def parsed_spec(self) -> MigrationSpec:
         """The spec as a validated :class:`MigrationSpec`."""
         return MigrationSpec.model_validate(self.spec)
+
+    def mark_applied(self, event_id: str) -> None:
+        """Remember ``event_id`` as applied, keeping the last :data:`APPLIED_KEEP`."""
+        if event_id not in self.applied:
+            self.applied = [*self.applied, event_id][-APPLIED_KEEP:]
 
     def current(self, round: int) -> RoundState | None:
         """Round ``round``, or None if there is no such round."""

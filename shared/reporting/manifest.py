@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llamaduo.contracts.state import MigrationState
-from llamaduo.storage.keys import migration_key
+from llamaduo.storage.keys import batch_scores_prefix, migration_key
 from llamaduo.storage.store import ArtifactStore
 
 
@@ -31,6 +31,7 @@ def manifest(state: MigrationState) -> dict[str, Any]:
                 "adapter": r.adapter.model_dump(mode="json") if r.adapter else None,
                 "predictions": r.predictions.model_dump(mode="json") if r.predictions else None,
                 "judged_by": r.judge_provider or None,
+                "scores": batch_scores_prefix(state.migration_id, r.round) if r.received_count else None,
                 "summary": r.summary.model_dump(mode="json") if r.summary else None,
             }
             for r in state.rounds

@@ -58,6 +58,16 @@ def predictions_key(migration_id: str, round: int) -> str:
     return round_key(migration_id, round, "predictions.jsonl")
 
 
+def batch_scores_key(migration_id: str, round: int, batch: int) -> str:
+    """S3 key of one judged batch's scores (one ``Score`` per line), written by the judge before ``eval.scored``."""
+    return round_key(migration_id, round, "scores", f"batch-{batch:05d}.jsonl")
+
+
+def batch_scores_prefix(migration_id: str, round: int) -> str:
+    """S3 folder holding a round's batch score objects (see :func:`batch_scores_key`)."""
+    return round_key(migration_id, round, "scores") + "/"
+
+
 def checkpoint_prefix(migration_id: str, round: int) -> str:
     """S3 folder holding the newest training checkpoint of a round."""
     return round_key(migration_id, round, "checkpoints", "latest")

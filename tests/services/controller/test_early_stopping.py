@@ -187,8 +187,8 @@ def test_batches_after_an_early_close_are_ignored_but_their_usage_counts_once():
     assert domain.on_eval_scored(state, late) == []
     assert domain.on_eval_scored(state, scored(start, 0, 1, [100] * 10, tokens=7, key="again")) == []
     assert domain.on_eval_scored(state, scored(start, 0, 0, [100] * 10, key="dup0")) == []
-    assert state.rounds[0].summary == before and sorted(state.rounds[0].scores) == [0]
-    assert state.usage.input_tokens == 100 + 7 and state.rounds[0].late_batches == [1]
+    assert state.rounds[0].summary == before and state.rounds[0].prefix_batches == 1
+    assert state.usage.input_tokens == 100 + 7 and state.rounds[0].late_count == 1
     assert state.stage == Stage.SYNTHESIS
     again = MigrationState.model_validate_json(state.model_dump_json())
     assert again == state

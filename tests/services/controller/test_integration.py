@@ -108,3 +108,24 @@ async def test_dead_lettered_work_fails_the_migration_with_reason(settings, data
         await player.broker.stop()
     assert failed.payload.reason == "dead_letter"
     assert "OOM" in failed.payload.detail and "trainer" in failed.payload.detail
+
+
+async def test_a_dead_lettered_start_fails_its_migration_with_the_validation_error(settings, dataset):
+    """A client waiting on a migration whose start could not even be read learns why (no hang)."""
+    from llamaduo.bus.client import list_states
+
+    async with Recorder(settings) as rec:
+        ctl = await controller(settings)
+        player = Bus(settings, "player")
+        await player.broker.connect()
+        body = start_envelope("m-bad-start", spec_for(dataset)).model_dump(mode="json")
+        body["payload"] = {"spec": "not a mapping"}
+        reason = "schema: 1 validation error for Envelope[MigrationStart]: payload.spec: Input should be a valid dict"
+        await player.dead_letter(settings.subject("migration.start"), json.dumps(body).encode(), reason, 1)
+        [failed] = await rec.wait_for(Subject.MIGRATION_FAILED)
+        [state] = await list_states(settings, "m-bad-start")
+        await ctl.broker.stop()
+        await player.broker.stop()
+    assert failed.migration_id == "m-bad-start" and failed.payload.reason == "spec"
+    assert "payload.spec" in failed.payload.detail and "valid dict" in failed.payload.detail
+    assert state is not None and state.outcome == "spec" and not state.outbox

@@ -47,9 +47,12 @@ def test_status_and_events_show_a_running_migration(tmp_path: Path) -> None:
                 if rows:
                     break
                 time.sleep(0.3)
-            assert rows == [{"migration_id": "m-view", "stage": "training", "outcome": None, "round": 0}]
+            assert [{k: v for k, v in r.items() if k != "rounds"} for r in rows] == [
+                {"migration_id": "m-view", "stage": "training", "outcome": None, "round": 0}]
+            assert rows[0]["rounds"][0]["decision"] is None and rows[0]["rounds"][0]["round"] == 0
             human = cli(env, "status")
             assert "m-view: training (round 0)" in human.stdout
+            assert "round 0:" in cli(env, "status", "m-view").stdout  # with an id: its rounds
             events = cli(env, "events", "--json")
             types = [json.loads(line)["type"] for line in events.stdout.splitlines()]
             assert types[:3] == ["migration.start", "migration.progress", "train.request"]
