@@ -23,20 +23,22 @@ Servers = dict[tuple[str, int], BackgroundServer]
 
 def serve_completed(
     store: ArtifactStore, spec: MigrationSpec, migration_id: str, servers: Servers, cache: Path,
-    *, model_key: str | None = None,
+    *, model_key: str | None = None, model_sha256: str | None = None,
 ) -> BackgroundServer | None:
     """Serve a completed migration's chosen model as its spec's ``serve`` section asks (blocking: loads it).
 
     The model is fetched like ``llamaduo serve --migration`` does (``fetch_migration_model``;
-    ``model_key``: the completion event's model) into ``cache``, then published on the server of
-    ``(serve.host, serve.port)`` in ``servers`` (started on first use). Returns that server; None when the spec
-    does not ask, or when the address is taken (logged as an error: the service goes on).
+    ``model_key``, ``model_sha256``: the completion event's model) into ``cache`` and verified to be the model
+    that was judged (a :class:`~llamaduo.errors.StoreError` otherwise, before it is loaded), then published on
+    the server of ``(serve.host, serve.port)`` in ``servers`` (started on first use). Returns that server; None
+    when the spec does not ask, or when the address is taken (logged as an error: the service goes on).
     """
     ask = spec.serve
     if not ask.enabled:
         return None
     name = ask.model_name or migration_id
-    folder, _ = fetch_migration_model(store, migration_id, cache, model_key=model_key)
+    folder, _ = fetch_migration_model(store, migration_id, cache, model_key=model_key,
+                                      model_sha256=model_sha256)
     server = servers.setdefault((ask.host, ask.port), BackgroundServer(ask.host, ask.port))
     try:
         replaced = server.publish({name: folder}, {name: migration_defaults(spec)})

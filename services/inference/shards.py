@@ -82,19 +82,29 @@ def lazy_answerer(load: Callable[[], Answerer]) -> Answerer:
 
 
 def predict_round(
-    store: ArtifactStore, spec: MigrationSpec, test: list[Example], migration_id: str, round: int, adapter_key: str,
-    model_dir: Path, *, shard_size: int = PROMPTS_PER_SHARD, should_stop: Callable[[], bool] | None = None,
+    store: ArtifactStore, spec: MigrationSpec, test: list[Example], migration_id: str, round: int,
+    adapter: ArtifactRef | str, model_dir: Path, *, shard_size: int = PROMPTS_PER_SHARD,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[JudgeItem], ArtifactRef]:
-    """Predictions of a round (sharded, see :func:`predict_in_shards`) joined into ``predictions.jsonl``."""
+    """Predictions of a round (sharded, see :func:`predict_in_shards`) joined into ``predictions.jsonl``.
+
+    ``adapter``: the ``train.done`` event's ref. The adapter folder must lie under the migration's prefix, its
+    index must have the ref's sha256 and every file its index hash, else
+    :class:`~llamaduo.errors.StoreError` before anything is loaded (a bare key is checked for its prefix and
+    per-file hashes only). ``predictions.jsonl`` is written once (a redelivery never replaces a published one).
+    """
 
     def load() -> Answerer:
         from llamaduo.services.inference.domain import load_generator
 
-        store.get_dir(adapter_key, model_dir)
+        if isinstance(adapter, ArtifactRef):
+            store.get_ref_dir(migration_id, adapter, model_dir)
+        else:
+            store.get_dir(adapter, model_dir, migration_id=migration_id)
         generator = load_generator(spec.student, model_dir)
         return lambda prompts: generator.generate(prompts, spec.task.system_prompt)
 
     k = spec.student.inference.samples_per_prompt
     items, _ = predict_in_shards(store, test, migration_id, round, lazy_answerer(load), k, shard_size=shard_size,
                                  should_stop=should_stop)
-    return items, store.put_jsonl(predictions_key(migration_id, round), items)
+    return items, store.put_jsonl(predictions_key(migration_id, round), items, once=True)

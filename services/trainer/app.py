@@ -36,7 +36,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         rows: list[Example] = []
         for ref in event.payload.datasets:
-            rows.extend(await asyncio.to_thread(store.read_models, ref.key, Example))
+            # the migration's own object, as it was published (key prefix and sha256 checked)
+            rows.extend(await asyncio.to_thread(store.read_ref_models, event.migration_id, ref, Example))
         work = bus.settings.work_dir / "trainer" / event.migration_id / f"round-{event.round}"
         loop = asyncio.get_running_loop()
         last = [0.0]

@@ -36,8 +36,10 @@ def train_round(
 
     Restores the stored checkpoint when it is ahead of ``work/checkpoints``, trains (copying checkpoints to
     :func:`~llamaduo.storage.keys.checkpoint_prefix` as they are saved) and uploads the adapter folder to
-    ``round_key(..., "adapter")``. Returns ``(TrainResult, adapter ref)``. The stored checkpoint is left for the
-    caller to :func:`~llamaduo.services.trainer.checkpoints.forget_checkpoints` once the result is announced.
+    ``round_key(..., "adapter")`` (write once: a different adapter already there is kept, the new one goes to
+    ``adapter-<sha12>``, see :meth:`~llamaduo.storage.store.ArtifactStore.put_dir`). Returns
+    ``(TrainResult, adapter ref)``. The stored checkpoint is left for the caller to
+    :func:`~llamaduo.services.trainer.checkpoints.forget_checkpoints` once the result is announced.
     """
     from llamaduo.services.trainer.domain import train
 
@@ -58,7 +60,8 @@ def train_round(
         uploader.close(flush=True)  # a failed run's redelivery resumes from the newest checkpoint
         raise
     uploader.close(flush=False)
-    adapter = store.put_dir(round_key(migration_id, round, "adapter"), out_dir)
+    # write once: a redelivered round never replaces an adapter a published train.done names
+    adapter = store.put_dir(round_key(migration_id, round, "adapter"), out_dir, once=True)
     return result, adapter
 
 
@@ -74,4 +77,4 @@ def export_merged_round(
     out_dir = work / "merged"
     shutil.rmtree(out_dir, ignore_errors=True)
     export_merged(work / "adapter", out_dir)
-    return store.put_dir(round_key(migration_id, round, "merged"), out_dir)
+    return store.put_dir(round_key(migration_id, round, "merged"), out_dir, once=True)

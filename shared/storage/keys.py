@@ -7,6 +7,7 @@ migration cannot address another one's objects.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from llamaduo.contracts.events import validate_migration_id
 from llamaduo.errors import StoreError
@@ -24,6 +25,27 @@ def migration_key(migration_id: str, *parts: str) -> str:
     """``migrations/{id}/{parts...}`` with every part checked."""
     validate_migration_id(migration_id)
     return "/".join(["migrations", migration_id, *(_check_part(p) for p in parts)])
+
+
+def require_own_key(migration_id: str, key: str, allowed_prefixes: Iterable[str] = ()) -> str:
+    """``key`` when it lies under the migration's prefix ``migrations/{id}/`` (or one of ``allowed_prefixes``,
+    the operator's dataset prefixes); raise :class:`StoreError` naming the key otherwise.
+
+    Every key a spec or an event names goes through this before it is read: a key that is absolute, holds
+    ``.``/``..``/empty parts or a backslash, or lies under another migration's prefix is refused.
+    """
+    try:
+        own = migration_key(migration_id) + "/"
+    except ValueError as err:
+        raise StoreError(f"artifact key {key!r}: {err}") from None
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise StoreError(f"artifact key {key!r} is not allowed: absolute, or with empty, '.' or '..' parts")
+    prefixes = [own, *(p.strip().lstrip("/").rstrip("/") + "/" for p in allowed_prefixes if p.strip("/ "))]
+    if not any(key.startswith(prefix) for prefix in prefixes):
+        raise StoreError(f"artifact key {key!r} is not under migration {migration_id}'s prefix {own!r}"
+                         + (f" nor an allowed prefix {prefixes[1:]}" if prefixes[1:] else ""))
+    return key
 
 
 def round_key(migration_id: str, round: int, *parts: str) -> str:

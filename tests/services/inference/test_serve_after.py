@@ -18,6 +18,7 @@ from openai import OpenAI
 
 from llamaduo.contracts.spec import MigrationSpec, spec_to_dict
 from llamaduo.data.examples import Example
+from llamaduo.errors import StoreError
 from llamaduo.services.inference.domain import StudentGenerator
 from llamaduo.services.inference.serve_after import Servers, serve_completed
 from llamaduo.services.trainer.rounds import export_merged_round, train_round
@@ -103,9 +104,13 @@ def test_completed_migration_is_served_and_answers_the_openai_client(  # type: i
     assert all(r.usage.completion_tokens <= 6 for r in responses)
 
     # a second completion on the same address adds its model (here: the merged folder, a plain model)
+    # (a migration serves only its own folders: the merged model is copied under the second one's prefix)
     second = completed(store, migration_spec(enabled=True, port=0, model_name="triage-merged"))
+    with pytest.raises(StoreError, match=f"not under migration {second}"):
+        fetch_migration_model(store, second, tmp_path / "refused", model_key=merged.key, model_sha256=merged.sha256)
+    copied = store.put_dir(round_key(second, 0, "merged"), store.get_dir(merged.key, tmp_path / "merged-copy"))
     again = serve_completed(store, migration_spec(enabled=True, port=0, model_name="triage-merged"), second,
-                            serving, cache, model_key=merged.key)
+                            serving, cache, model_key=copied.key, model_sha256=copied.sha256)
     assert again is server
     assert [m.id for m in client.models.list().data] == [first, "triage-merged"]
     merged_answers = [client.chat.completions.create(model="triage-merged", messages=[{"role": "user", "content": p}])
@@ -132,9 +137,9 @@ def test_a_taken_port_is_logged_not_raised(  # type: ignore[no-untyped-def]
         port = taken.getsockname()[1]
         spec = migration_spec(enabled=True, port=port)
         mid = completed(store, spec)
-        store.put_bytes(f"{migration_key(mid, 'round-0', 'adapter')}/_index.json", b"{}")  # no model is loaded
+        index = store.put_bytes(f"{migration_key(mid, 'round-0', 'adapter')}/_index.json", b"{}")  # no model
         with caplog.at_level(logging.ERROR, logger="llamaduo.inference"):
             assert serve_completed(store, spec, mid, serving, tmp_path, model_key=migration_key(
-                mid, "round-0", "adapter")) is None
+                mid, "round-0", "adapter"), model_sha256=index.sha256) is None
     assert f"cannot serve migration {mid}" in caplog.text and f"127.0.0.1:{port}" in caplog.text
     assert serving[("127.0.0.1", port)].url is None

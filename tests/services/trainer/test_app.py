@@ -50,7 +50,8 @@ def migration_spec(epochs: float = 4) -> MigrationSpec:
         "dataset": {"source": "unused.jsonl"},
         "student": {"base_model": "tiny:llama", "method": "full",
                     "training": {"epochs": epochs, "learning_rate": 3e-3, "batch_size": 4, "max_length": 128},
-                    "inference": {"max_new_tokens": 4, "samples_per_prompt": 2, "batch_size": 4}},
+                    "inference": {"max_new_tokens": 4, "samples_per_prompt": 2, "batch_size": 4,
+                                  "temperature": 0.7}},
     })
 
 
