@@ -28,6 +28,7 @@ from llamaduo.contracts.events import (
     InferDoneEvent,
     MigrationFailed,
     MigrationStartEvent,
+    Score,
     Subject,
     SynthReadyEvent,
     TrainDoneEvent,
@@ -35,10 +36,10 @@ from llamaduo.contracts.events import (
     validate_migration_id,
 )
 from llamaduo.contracts.spec import MigrationSpec, SpecError, parse_spec
-from llamaduo.contracts.state import DataRefs, MigrationState
+from llamaduo.contracts.state import DataRefs, GateStats, MigrationState
 from llamaduo.data.datasets import DatasetError, load_splits
 from llamaduo.reporting.manifest import write_manifest
-from llamaduo.storage.keys import data_key, judging_closed_key, spec_key
+from llamaduo.storage.keys import batch_scores_key, data_key, judging_closed_key, spec_key
 from llamaduo.storage.store import ArtifactStore
 
 from . import domain
@@ -141,7 +142,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             await asyncio.to_thread(_write_html_report, store, state, bus.settings.work_dir)
         await flush(state, rev)
 
-    async def transition(event: Envelope, apply: Callable[[MigrationState], list[Envelope]]) -> None:
+    async def transition(event: Envelope, apply: Callable[[MigrationState], list[Envelope]],
+                         threaded: bool = False) -> None:
         async with locks[event.migration_id]:
             state, rev = await states.load(event.migration_id)
             if state is None or rev is None:
@@ -150,7 +152,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             if event.event_id in state.applied:
                 return
             closed_before = {r.round for r in state.rounds if r.judging_closed}
-            outputs = apply(state)
+            outputs = await asyncio.to_thread(apply, state) if threaded else apply(state)
             state.mark_applied(event.event_id)
             for rnd in state.rounds:  # judging closed with batches left: judge workers skip them
                 if rnd.judging_closed and rnd.round not in closed_before:
@@ -195,8 +197,13 @@ def register(bus: Bus, store: ArtifactStore) -> None:
 
     @bus.consumer(Subject.EVAL_SCORED, "controller-eval-scored", CONTROL)
     async def on_eval_scored(event: EvalScoredEvent) -> None:
-        """Collect judged batches; gate the round when all are in."""
-        await transition(event, lambda s: domain.on_eval_scored(s, event))
+        """Collect judged batches; gate the round when all are in. Runs in a thread: it may re-read a batch's
+        scores from S3 (one that arrived far ahead of the published order)."""
+
+        def load(round: int, batch: int) -> GateStats:
+            return GateStats.from_scores(store.read_models(batch_scores_key(event.migration_id, round, batch), Score))
+
+        await transition(event, lambda s: domain.on_eval_scored(s, event, load), threaded=True)
 
     @bus.consumer(Subject.SYNTH_READY, "controller-synth-ready", CONTROL)
     async def on_synth_ready(event: SynthReadyEvent) -> None:

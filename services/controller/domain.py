@@ -14,6 +14,8 @@ batches it reaches, each looked at once by the sequential test.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from llamaduo.contracts.events import (
     ArtifactRef,
     Envelope,
@@ -31,12 +33,14 @@ from llamaduo.contracts.events import (
     TrainRequest,
 )
 from llamaduo.contracts.spec import MigrationSpec
-from llamaduo.contracts.state import DataRefs, GateStats, MigrationState, RoundState
+from llamaduo.contracts.state import PENDING_KEEP, DataRefs, GateStats, MigrationState, RoundState
 from llamaduo.services.controller.early_stopping import GateInterval, Verdict, sequential_decision_stats
 from llamaduo.services.controller.gate import aggregate_stats
 from llamaduo.storage.keys import batch_scores_prefix, migration_key
 
 Outputs = list[Envelope]
+#: Statistics of batch ``batch`` of round ``round``, read back from its S3 object (the bus adapter's I/O).
+BatchLoader = Callable[[int, int], GateStats]
 
 
 def _progress(state: MigrationState, cause: Envelope, round: int, stage: Stage, detail: str = "",
@@ -87,12 +91,14 @@ def on_infer_done(state: MigrationState, event: Envelope[InferDone]) -> Outputs:
     return [_progress(state, event, event.round, Stage.JUDGING, judged=rnd.totals.answers, to_judge=total)]
 
 
-def on_eval_scored(state: MigrationState, event: Envelope[EvalScored]) -> Outputs:
+def on_eval_scored(state: MigrationState, event: Envelope[EvalScored], load: BatchLoader | None = None) -> Outputs:
     """Collect one judged batch; gate the round when it is complete, or earlier when the sequential test
     decides it (``judge.early_stopping``) on the in-order prefix of batches, or end the migration when judging
     ran out of budget or the judge failed on too many answers (``judge.min_judged_fraction``).
 
-    A batch of a round already closed (early) is not scored; its service usage still counts, once.
+    A batch of a round already closed (early) is not scored; its service usage still counts, once. ``load``
+    reads back a batch that arrived ahead of the prefix when the state did not keep its statistics (more than
+    ``PENDING_KEEP`` ahead); each batch is loaded at most once, so the work stays flat on average.
     """
     rnd = state.current(event.round)
     p = event.payload
@@ -116,11 +122,16 @@ def on_eval_scored(state: MigrationState, event: Envelope[EvalScored]) -> Output
     complete = rnd.received_count >= p.batches
     # to_judge comes with infer.done; a batch may be scored before that arrives: then bound it
     to_judge = rnd.to_judge if rnd.to_judge is not None else p.batches * judge.batch_size
-    rnd.pending[p.batch] = stats
     verdict: Verdict | None = None
     interval: GateInterval | None = None
-    while rnd.prefix_batches in rnd.pending:  # the published order: each prefix is looked at once
-        rnd.prefix = rnd.prefix + rnd.pending.pop(rnd.prefix_batches)
+    while rnd.prefix_batches < p.batches and rnd.has_batch(rnd.prefix_batches):  # published order: each prefix
+        b = rnd.prefix_batches                                                   # is looked at once
+        batch_stats = stats if b == p.batch else rnd.pending.pop(b, None)
+        if batch_stats is None:
+            if load is None:
+                raise ValueError(f"round {rnd.round} batch {b}: statistics not kept and no loader to re-read them")
+            batch_stats = load(rnd.round, b)
+        rnd.prefix = rnd.prefix + batch_stats
         rnd.prefix_batches += 1
         prefix = rnd.prefix
         if (verdict is None and not complete and judge.early_stopping
@@ -129,8 +140,11 @@ def on_eval_scored(state: MigrationState, event: Envelope[EvalScored]) -> Output
                 prefix, judge.gate, judge.threshold, to_judge=to_judge, looks=p.batches,
                 confidence=judge.confidence, min_judged=judge.min_judged)
             if verdict is not None:
-                rnd.pending.clear()  # the rest of the round is never looked at
                 break
+    if verdict is None and p.batch >= rnd.prefix_batches and len(rnd.pending) < PENDING_KEEP:
+        rnd.pending[p.batch] = stats  # ahead of the prefix: kept until it gets there (or re-read from S3)
+    if verdict is not None:
+        rnd.pending.clear()  # the rest of the round is never looked at
     if verdict is not None:
         rnd.judging_closed = True
         return _close_round(state, rnd, event, rnd.prefix, answers=rnd.prefix.answers, verdict=verdict,

@@ -7,9 +7,10 @@ JSON, so a field added here needs a default for states written before it.
 default). Per-answer scores live in S3, one object per judged batch (``round-N/scores/batch-XXXXX.jsonl``,
 written by the judge); a round keeps only :class:`GateStats` (sums and counts: the sufficient statistics of
 every gate aggregate and of the sequential test), a bitmap of the batches already applied (1 bit per judge
-batch, hex), and the statistics of batches that arrived ahead of the published order until the in-order
-prefix reaches them. ``applied`` keeps only the last :data:`APPLIED_KEEP` event ids: every handler is also
-idempotent on its own (a batch is applied once by the bitmap; train/infer/synth results once per round).
+batch, hex), and the statistics of at most :data:`PENDING_KEEP` batches that arrived ahead of the published
+order (the controller re-reads the others from S3 when the in-order prefix reaches them). ``applied`` keeps
+only the last :data:`APPLIED_KEEP` event ids: every handler is also idempotent on its own (a batch is applied
+once by the bitmap; train/infer/synth results once per round).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from llamaduo.contracts.spec import MigrationSpec
 
 #: How many recent event ids :attr:`MigrationState.applied` keeps (a fast path; handlers are idempotent).
 APPLIED_KEEP = 64
+#: Most out-of-order batches whose statistics a round keeps (:attr:`RoundState.pending`); the controller re-reads
+#: the others' scores from their S3 object when the in-order prefix reaches them.
+PENDING_KEEP = 8
 
 
 class GateStats(BaseModel):
@@ -98,7 +102,9 @@ class RoundState(BaseModel):
     prefix_batches: int = Field(default=0, description="Batches 0..prefix_batches-1 (published order) all in")
     prefix: GateStats = Field(default_factory=GateStats, description="Over the in-order prefix of batches")
     pending: dict[int, GateStats] = Field(
-        default_factory=dict, description="Batches in, beyond the prefix (dropped once the prefix reaches them)"
+        default_factory=dict,
+        description=f"Statistics of up to {PENDING_KEEP} batches in beyond the prefix (the others are re-read from "
+        "S3 when the prefix reaches them)",
     )
     to_judge: int | None = Field(default=None, description="Answers to judge (from infer.done)")
     judge_provider: str = ""

@@ -206,3 +206,26 @@ def test_gate_stats_add_up():
     b = GateStats.from_scores([ok(2, 40)])
     assert (a + b) == GateStats.from_scores([ok(0, 90), failed(1), ok(2, 40)])
     assert (a + b).answers == 3 and (a + b).judged == 2
+
+
+def test_batches_far_ahead_of_the_prefix_are_re_read_once_and_decide_the_same():
+    """Only PENDING_KEEP out-of-order batches are kept in the state; the rest are re-read (from S3 in the app)."""
+    scores = [ok(i, 40 + (i * 7) % 60) for i in range(300)]
+    start, in_order = begin(judge={**SPEC["judge"], "early_stopping": False})
+    run_round(in_order, start, 0, scores)
+    start, reversed_ = begin(judge={**SPEC["judge"], "early_stopping": False})
+    batches = [scores[i:i + 10] for i in range(0, 300, 10)]
+    loads = []
+
+    def load(round, batch):
+        loads.append(batch)
+        return GateStats.from_scores(batches[batch])
+
+    run_round(reversed_, start, 0, [], order=[])  # train.done + infer.done only
+    reversed_.rounds[0].to_judge = 300
+    for b in reversed(range(30)):
+        domain.on_eval_scored(reversed_, start.follow(Subject.EVAL_SCORED, EvalScored(
+            batch=b, batches=30, scores=batches[b]), key=f"b{b}"), load)
+        assert len(reversed_.rounds[0].pending) <= 8
+    assert sorted(loads) == list(range(1, 30 - 8))  # each batch not kept is read back exactly once
+    assert reversed_.rounds[0].summary.aggregates == in_order.rounds[0].summary.aggregates
