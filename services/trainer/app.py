@@ -13,9 +13,11 @@ import asyncio
 import shutil
 import time
 
-from llamaduo.bus.broker import Bus, Delivery, WorkReturned
+from llamaduo.bus.broker import Bus, Delivery, PermanentError, WorkReturned
 from llamaduo.contracts.events import Subject, TrainDone, TrainProgress, TrainRequestEvent
 from llamaduo.data.examples import Example
+from llamaduo.errors import SpecError
+from llamaduo.models.resolve import ModelResolutionError
 from llamaduo.services.trainer.checkpoints import forget_checkpoints
 from llamaduo.services.trainer.domain import TrainingStopped
 from llamaduo.services.trainer.rounds import export_merged_round, train_round
@@ -55,9 +57,14 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                 should_stop=bus.stopping.is_set)
         except TrainingStopped as stopped:  # shutting down: the checkpoint is in S3, the request goes back
             raise WorkReturned(str(stopped)) from None
+        except (SpecError, ModelResolutionError) as err:  # rows that cannot fit max_length, an unknown base model
+            if getattr(err, "retryable", False):  # the Hugging Face Hub could not be reached: try again later
+                raise
+            raise PermanentError(str(err)) from err
         merged = await asyncio.to_thread(export_merged_round, store, spec, event.migration_id, event.round, work)
         await bus.emit(event.follow(Subject.TRAIN_DONE, TrainDone(
-            adapter=adapter, rows=len(rows), train_loss=result.train_loss, seconds=result.seconds, merged=merged,
+            adapter=adapter, rows=result.rows, rows_too_long=result.rows_too_long, train_loss=result.train_loss,
+            seconds=result.seconds, merged=merged,
         ), key="done"))
         await asyncio.to_thread(forget_checkpoints, store, checkpoint_prefix(event.migration_id, event.round))
         shutil.rmtree(work, ignore_errors=True)

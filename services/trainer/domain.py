@@ -22,7 +22,6 @@ from pydantic import BaseModel
 from llamaduo.contracts.events import TrainProgress
 from llamaduo.contracts.spec import StudentSpec
 from llamaduo.data.examples import Example
-from llamaduo.models.generation import prompt_messages
 from llamaduo.models.loading import (
     LoraMeta,
     StudentMeta,
@@ -34,6 +33,7 @@ from llamaduo.models.loading import (
     write_student_meta,
 )
 from llamaduo.models.resolve import resolve_base_model
+from llamaduo.services.trainer.rows import RowFit, chat_row, fit_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,11 @@ class TrainingStopped(Exception):
 
 
 class TrainResult(BaseModel):
-    """What a finished training run did."""
+    """What a finished training run did. ``rows``: the rows trained on; ``rows_too_long``: the rows left out for
+    being longer than ``student.training.max_length`` (see :mod:`~llamaduo.services.trainer.rows`)."""
 
     rows: int
+    rows_too_long: int = 0
     steps: int
     train_loss: float | None = None
     final_loss: float | None = None
@@ -74,18 +76,11 @@ def lora_rank(rows: int, r: int | None = None, alpha: int | None = None) -> tupl
 
 
 def build_dataset(examples: list[Example], system_prompt: str) -> Any:
-    """Conversational prompt-completion ``datasets.Dataset`` of ``examples``."""
+    """Conversational prompt-completion ``datasets.Dataset`` of ``examples`` (rows as
+    :func:`~llamaduo.services.trainer.rows.chat_row` builds them)."""
     from datasets import Dataset
 
-    return Dataset.from_list(
-        [
-            {
-                "prompt": prompt_messages(ex.instruction, system_prompt),
-                "completion": [{"role": "assistant", "content": ex.response}],
-            }
-            for ex in examples
-        ]
-    )
+    return Dataset.from_list([chat_row(ex, system_prompt) for ex in examples])
 
 
 def _progress_callback(progress: Callable[[TrainProgress], None] | None, losses: list[float]) -> Any:
@@ -190,12 +185,16 @@ def build_trainer(
     base_model_path: str | None = None,
     checkpoint_every_s: float | None = None,
     callbacks: list[Any] | None = None,
+    fit: RowFit | None = None,
 ) -> tuple[Any, Any, StudentMeta]:
     """Build the TRL ``SFTTrainer`` for ``student`` (CPU-safe settings when there is no CUDA).
 
     Returns ``(trainer, tokenizer, meta)``; ``meta`` is what :func:`save_student` writes to
     ``llamaduo_student.json``. With ``checkpoint_every_s``, checkpoints go to ``work_dir`` that often (only the
-    last one is kept).
+    last one is kept). Rows longer than ``student.training.max_length`` are left out, and none fitting raises
+    :class:`~llamaduo.services.trainer.rows.RowsTooLong` before the model is loaded (see
+    :func:`~llamaduo.services.trainer.rows.fit_rows`); ``fit``: that rule already applied to ``examples`` (by
+    :func:`train`, so the rows are tokenized once).
     """
     import torch
     from transformers import PrinterCallback
@@ -211,6 +210,7 @@ def build_trainer(
     base_path = base_model_path or resolve_base_model(student.base_model)
     tokenizer = load_tokenizer(base_path)
     tokenizer.padding_side = "right"
+    examples = (fit or fit_rows(examples, system_prompt, tokenizer, cfg.max_length)).kept
     model = load_causal_lm(base_path, student.quantization)
 
     peft_config, r, alpha = None, None, None
@@ -334,6 +334,9 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``student`` on ``examples`` and save it to ``output_dir`` (see :func:`save_student`).
 
+    Rows longer than ``student.training.max_length`` are left out and counted (``TrainResult.rows_too_long``);
+    when none fits, :class:`~llamaduo.services.trainer.rows.RowsTooLong` is raised before any model is loaded.
+
     ``progress``: called with a :class:`TrainProgress` at each log step (about 20 per run) and at the end.
     ``checkpoint_dir``: save a checkpoint there every ``checkpoint_every_s`` seconds and resume from the last one
     present (a killed run resumes instead of starting over).
@@ -346,6 +349,8 @@ def train(
     """
     started = time.monotonic()
     losses: list[float] = []
+    base_model_path = base_model_path or resolve_base_model(student.base_model)
+    fit = fit_rows(examples, system_prompt, load_tokenizer(base_model_path), student.training.max_length)
     with tempfile.TemporaryDirectory(prefix="llamaduo-train-") as scratch:
         work_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(scratch)
         trainer, tokenizer, meta = build_trainer(
@@ -360,6 +365,7 @@ def train(
                 *([_save_hook(on_checkpoint)] if on_checkpoint is not None and checkpoint_dir is not None else []),
                 *([_stop_callback(should_stop)] if should_stop is not None else []),
             ],
+            fit=fit,
         )
         resume = _last_checkpoint(checkpoint_dir)
         if resume:
@@ -371,7 +377,8 @@ def train(
     state = trainer.state
     runtime = float(output.metrics.get("train_runtime") or 0.0)
     return TrainResult(
-        rows=len(examples),
+        rows=len(fit.kept),
+        rows_too_long=len(fit.too_long),
         steps=state.global_step,
         train_loss=output.training_loss,
         final_loss=losses[-1] if losses else None,

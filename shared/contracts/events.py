@@ -118,6 +118,9 @@ class TrainProgress(BaseModel):
 class TrainDone(BaseModel):
     adapter: ArtifactRef = Field(description="Folder holding the trained adapter (or full model)")
     rows: int = Field(description="Training rows used")
+    rows_too_long: int = Field(
+        default=0, ge=0, description="Training rows left out for being longer than student.training.max_length"
+    )
     train_loss: float | None = None
     seconds: float = 0.0
     merged: ArtifactRef | None = Field(

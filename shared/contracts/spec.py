@@ -62,7 +62,14 @@ class TrainingSpec(_Strict):
     learning_rate: float = Field(default=2e-4, gt=0)
     batch_size: int = Field(default=4, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
-    max_length: int = Field(default=1024, ge=16)
+    max_length: int = Field(
+        default=1024, ge=16,
+        description="Longest training row, in tokens of the whole conversation (system prompt, instruction and "
+        "response) in the student's chat template. A longer row is left out of training, never truncated (a cut "
+        "answer teaches answers that never stop, a cut prompt teaches answers without their evidence), and "
+        "counted: train.done's rows_too_long. When no row fits, the migration fails at once (no retries) with a "
+        "reason naming this field and the shortest row's length",
+    )
     packing: bool = False
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
     lr_scheduler: str = "cosine"

@@ -29,7 +29,15 @@ SMOLLM2_ALIAS = "smollm2-135m"
 
 
 class ModelResolutionError(ModelError):
-    """A base model name that cannot be turned into a local folder."""
+    """A base model name that cannot be turned into a local folder.
+
+    ``retryable``: asking again later may work (the Hugging Face Hub could not be reached); otherwise the name
+    itself is wrong (no such folder, preset or repository, no access, offline without a cached copy).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def cache_dir() -> Path:
@@ -61,13 +69,19 @@ def resolve_base_model(name: str) -> str:
 
 def _hub_snapshot(repo_id: str) -> str:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as err:  # offline, unknown id, no access: all mean the same to the caller
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
-        raise ModelResolutionError(f"cannot get base model {repo_id!r} from Hugging Face{hint}: {err}") from err
+        # only a Hub that did not answer may answer later; gated and unknown repositories are not
+        final = (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, HFValidationError)
+        raise ModelResolutionError(
+            f"cannot get base model {repo_id!r} from Hugging Face{hint}: {err}",
+            retryable=not offline and not isinstance(err, final),
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------- atomic builds
