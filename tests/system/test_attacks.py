@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.bus import Recorder
+from support.bus import Recorder, controller
 
 from llamaduo.bus.broker import Bus
 from llamaduo.contracts.events import (
@@ -33,6 +33,7 @@ from llamaduo.errors import StoreError
 from llamaduo.services.judge.app import register as register_judge
 from llamaduo.storage.keys import data_key, migration_key, round_key, spec_key
 from llamaduo.storage.store import ArtifactStore
+from llamaduo.tasks.triage import make_dataset
 
 MARKING = '''
 import pathlib
@@ -181,3 +182,46 @@ def test_a_tampered_adapter_is_not_served(
     with pytest.raises(StoreError, match="does not match the sha256 it was published with"):
         serve_completed(store, serve, m, servers, tmp_path / "serving", model_key=ref.key)
     assert servers == {}
+
+
+#: The controller applies plugins.refused_code and store.fetch_dataset_source at migration.start (services/
+#: controller is wired by its owner); these pass once it is, and the marker must then go.
+NEEDS_CONTROLLER = pytest.mark.xfail(strict=True, reason="controller on_start wiring of refused_code and "
+                                     "fetch_dataset_source not merged yet")
+
+
+@NEEDS_CONTROLLER
+async def test_controller_refuses_disallowed_code_and_other_migrations_data_at_start(
+    settings, store: ArtifactStore, tmp_path: Path, marking_module: tuple[str, Path]
+) -> None:
+    name, mark = marking_module
+    data = tmp_path / "triage.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_dataset(n_train=8, n_test=4)))
+    victim = mid()
+    stolen = store.put_bytes(data_key(victim, "train"), data.read_bytes())
+
+    def start(m: str, **fields: object) -> dict:
+        base = spec().model_dump(mode="json")
+        base["dataset"]["source"] = str(data)
+        for path, value in fields.items():
+            section, field = path.split("__")
+            base[section][field] = value
+        return base
+
+    bad = {mid(): ("judge.checker 'os:abort'", start("", judge__checker="os:abort")),
+           mid(): ("task.oracle 'shutil:rmtree'", start("", task__oracle="shutil:rmtree")),
+           mid(): (f"judge.checker '{name}:check'", start("", judge__checker=f"{name}:check")),
+           mid(): ("not under migration", start("", dataset__source=f"s3://{store.bucket}/{stolen.key}"))}
+    async with Recorder(settings) as rec:
+        ctl = await controller(settings)
+        player = Bus(settings, "player")
+        await player.broker.connect()
+        for m, (_, body) in bad.items():
+            await player.emit(start_envelope(m, body))
+        await rec.wait_for(Subject.MIGRATION_FAILED, count=len(bad), timeout=30)
+        await ctl.broker.stop()
+        await player.broker.stop()
+    failed = {e.migration_id: e.payload for e in rec.of(Subject.MIGRATION_FAILED)}
+    for m, (field, _) in bad.items():
+        assert failed[m].reason in ("spec", "dataset") and field in failed[m].detail, failed[m]
+    assert not rec.of(Subject.TRAIN_REQUEST) and not mark.exists()
