@@ -32,6 +32,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         train = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "train"), Example)
         test = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "test"), Example)
+        earlier = await asyncio.to_thread(_earlier_synthetic, store, event.migration_id, event.round)
         request = event.payload
         if request.scores_round is not None:  # failed test items, from the judged round's score objects
             def failed_ids(round: int) -> list[str]:
@@ -44,7 +45,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         try:
             result = await synthesize(train, test, request, spec.synthesis, provider, round=event.round,
                                       seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,
-                                      near_duplicate_threshold=spec.synthesis.near_duplicate_threshold)
+                                      near_duplicate_threshold=spec.synthesis.near_duplicate_threshold,
+                                      earlier=earlier)
         finally:
             await provider.aclose()
         exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
@@ -54,3 +56,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             dataset=dataset, generated=result.generated, kept=result.kept, removed=result.removed,
             seed_ids=result.seed_ids, usage=result.usage, provider=provider.name, budget_exhausted=exhausted,
         ), key="ready"))
+
+def _earlier_synthetic(store: ArtifactStore, migration_id: str, round: int) -> list[Example]:
+    """The synthetic rows kept by the migration's earlier rounds (those that wrote any), oldest first."""
+    keys = [round_key(migration_id, r, "synthetic.jsonl") for r in range(round)]
+    return [e for key in keys if store.exists(key) for e in store.read_models(key, Example)]

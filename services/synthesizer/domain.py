@@ -6,9 +6,12 @@ provider for new examples like them (:mod:`~llamaduo.services.synthesizer.prompt
 (bad replies are re-asked a bounded number of times, :func:`llamaduo.providers.reask.ask_until_valid`; a
 call that still fails is counted, never raised) and keeps only examples that pass the filters
 (:mod:`~llamaduo.services.synthesizer.filters`: ``invalid``, ``empty``, ``duplicate``, ``contaminated``,
-``near_duplicate``), each removal counted by reason, plus ``excess``: rows beyond what a call asked for.
+``contaminated_response``, ``near_duplicate``), each removal counted by reason, plus ``excess``: rows beyond
+what a call asked for. Duplicates are checked against train and every earlier round's kept rows;
+contamination against the held-out split, on instructions and responses, on what varies
+(:mod:`~llamaduo.services.synthesizer.decontamination`).
 
-Embeddings (when an embedding check is on) are computed in batches: train and test instructions once per
+Embeddings (when an embedding check is on) are computed in batches: train and held-out instructions once per
 :func:`synthesize` run, each call's candidate rows at once, off the event loop.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -74,7 +78,7 @@ async def _call(
 
 async def synthesize(
     train: list[Example],
-    test: list[Example],
+    held_out: list[Example],
     request: SynthRequest,
     spec: SynthesisSpec,
     provider: Provider,
@@ -85,15 +89,21 @@ async def synthesize(
     near_duplicate_threshold: float = DEFAULT_NEAR_DUPLICATE_THRESHOLD,
     max_attempts: int = 3,
     embedder: SentenceEmbedder | None = None,
+    earlier: Sequence[Example] = (),
 ) -> SynthResult:
     """Generate up to ``request.samples`` new examples (``spec.samples_per_round`` if that is 0).
 
-    Seeds come from ``train`` only (never ``test``), ``spec.seeds_per_call`` per call, without
+    Seeds come from ``train`` only (never ``held_out``), ``spec.seeds_per_call`` per call, without
     replacement and skipping ``request.exclude_seed_ids``. Each call asks for ``spec.examples_per_call``
     examples (fewer for the last). Calls run in waves of up to the provider's ``max_concurrency`` and
     are filtered in call order, so the result is deterministic for a deterministic provider. At most
     ``3 * ceil(target / examples_per_call) + 2`` calls are made; a wave in which every call failed ends
     the round early. Never raises for provider or reply problems.
+
+    ``held_out`` is the split that judges the model (today the test split): targeted seeds are chosen near
+    its failed items (``request.failed_item_ids``) and no kept row may be contaminated by it. ``earlier``
+    holds the synthetic rows kept by earlier rounds: a row duplicating one of them (exactly or nearly) is
+    removed like a duplicate of a train row.
 
     With ``spec.embedding_decontamination_threshold`` or ``spec.embedding_near_duplicate_threshold`` set,
     the embedding checks run with ``embedder`` (default: the process-wide packaged model, see
@@ -102,7 +112,7 @@ async def synthesize(
     """
     target = request.samples if request.samples > 0 else spec.samples_per_round
     rng = random.Random(seed * 1_000_003 + round)
-    by_id = {e.id: e for e in test}
+    by_id = {e.id: e for e in held_out}
     targets: list[str] = []
     if spec.strategy == "targeted":
         targets = [by_id[i].instruction for i in request.failed_item_ids if i in by_id]
@@ -112,12 +122,12 @@ async def synthesize(
         embeddings = await asyncio.to_thread(
             EmbeddingFilter,
             embedder or get_embedder(),
-            [e.instruction for e in train],
-            [e.instruction for e in test],
+            [e.instruction for e in [*train, *earlier]],
+            [e.instruction for e in held_out],
             spec.embedding_decontamination_threshold,
             spec.embedding_near_duplicate_threshold,
         )
-    filters = RowFilter(train, test, spec, near_duplicate_threshold, embeddings)
+    filters = RowFilter(train, held_out, spec, near_duplicate_threshold, embeddings, earlier)
     semaphore = asyncio.Semaphore(provider.spec.limits.max_concurrency)
     max_calls = 3 * math.ceil(target / spec.examples_per_call) + 2
     result = SynthResult()

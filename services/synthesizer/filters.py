@@ -3,17 +3,21 @@
 :class:`RowFilter` applies them in this order:
 
 * ``invalid`` / ``empty``: a row without string ``instruction``/``response``, or with a blank one;
-* ``duplicate``: the normalised instruction equals a train instruction, an earlier kept one or one earlier
-  in the same batch;
-* ``contaminated``: at least ``spec.decontamination_overlap`` of the instruction's word n-grams
-  (``n = spec.decontamination_ngram``; shorter texts use their whole token sequence) occur in the test set
-  (:class:`Decontaminator`), or (when ``spec.embedding_decontamination_threshold`` is set) the
-  sentence-embedding cosine similarity to some test instruction is at or above that threshold, which
-  catches paraphrases of test items;
-* ``near_duplicate``: MinHash-LSH estimated Jaccard similarity of word shingles to a train or kept
-  instruction at or above the threshold (default 0.9, :class:`NearDuplicateIndex`), or (when
-  ``spec.embedding_near_duplicate_threshold`` is set) the embedding cosine to a train or kept instruction
-  at or above that threshold, which catches reworded copies.
+* ``duplicate``: the normalised instruction equals a train instruction, one kept in an earlier round
+  (``earlier``), an earlier kept one or one earlier in the same batch;
+* ``contaminated``: at least ``spec.decontamination_overlap`` of the instruction's varying word n-grams
+  (``n = spec.decontamination_ngram``; the task's fixed prompt does not count; shorter texts use their whole
+  token sequence) occur in the held-out split's instructions
+  (:class:`~llamaduo.services.synthesizer.decontamination.HeldOutIndex`), or (when
+  ``spec.embedding_decontamination_threshold`` is set) the sentence-embedding cosine similarity to some
+  held-out instruction is at or above that threshold, which catches paraphrases of held-out items;
+* ``contaminated_response``: the response is, in canonical form, a distinctive held-out answer (a
+  re-worded held-out item with the same answer), or the response or instruction overlaps held-out responses
+  or instructions as above (see :mod:`~llamaduo.services.synthesizer.decontamination` for the rules);
+* ``near_duplicate``: MinHash-LSH estimated Jaccard similarity of word shingles to a train, earlier-round
+  or kept instruction at or above the threshold (default 0.9, :class:`NearDuplicateIndex`), or (when
+  ``spec.embedding_near_duplicate_threshold`` is set) the embedding cosine to such an instruction at or
+  above that threshold, which catches reworded copies.
 
 The embedding checks (:class:`EmbeddingFilter`, model in :mod:`llamaduo.data.embeddings`) are off by default
 (measured in ``tests/services/synthesizer/test_embeddings.py``): on templated instructions such as the invoice demo,
@@ -21,11 +25,11 @@ genuinely new items are as close to the test split (cosine up to about 0.95) as 
 are (0.63 to 0.93), so no threshold separates them; on free-text questions a threshold of 0.5 removes
 every planted paraphrase and no off-topic question, but also most new questions on a test item's topic.
 """
-
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +39,7 @@ from llamaduo.contracts.spec import SynthesisSpec
 from llamaduo.data.embeddings import SentenceEmbedder, max_cosine
 from llamaduo.data.examples import Example
 from llamaduo.data.text import normalise_text, tokenize
+from llamaduo.services.synthesizer.decontamination import HeldOutIndex
 
 DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.9
 SHINGLE_WORDS = 3
@@ -87,53 +92,6 @@ class NearDuplicateIndex:
             if similarity >= self.threshold and (best is None or similarity > best[0]):
                 best = (similarity, key)
         return best[1] if best else None
-
-
-class Decontaminator:
-    """Word n-gram overlap with the test split.
-
-    :meth:`overlap` is the share of a text's n-grams that occur in any test instruction. A text with
-    fewer than ``n`` words uses its whole token sequence as its only n-gram (found when some test
-    instruction contains it). A test instruction with fewer than ``n`` words that occurs whole in the
-    text counts with the share of the text it covers.
-    """
-
-    def __init__(self, test_instructions: list[str], n: int, threshold: float) -> None:
-        self.n = n
-        self.threshold = threshold
-        self._tests = [tokenize(t) for t in test_instructions]
-        self._short_tests = [tuple(t) for t in self._tests if 0 < len(t) < n]
-        self._grams: dict[int, set[tuple[str, ...]]] = {}
-
-    def _test_grams(self, size: int) -> set[tuple[str, ...]]:
-        if size not in self._grams:
-            self._grams[size] = {
-                tuple(words[i : i + size]) for words in self._tests for i in range(len(words) - size + 1)
-            }
-        return self._grams[size]
-
-    def overlap(self, text: str) -> float:
-        """Share (0..1) of ``text``'s n-grams found in the test split."""
-        words = tokenize(text)
-        if not words:
-            return 0.0
-        size = min(self.n, len(words))
-        grams = [tuple(words[i : i + size]) for i in range(len(words) - size + 1)]
-        known = self._test_grams(size)
-        share = sum(1 for g in grams if g in known) / len(grams)
-        for short in self._short_tests:
-            if len(short) <= len(words) and _contains(words, short):
-                share = max(share, len(short) / len(words))
-        return share
-
-    def is_contaminated(self, text: str) -> bool:
-        """True when :meth:`overlap` reaches the threshold."""
-        return self.overlap(text) >= self.threshold
-
-
-def _contains(words: list[str], part: tuple[str, ...]) -> bool:
-    k = len(part)
-    return any(tuple(words[i : i + k]) == part for i in range(len(words) - k + 1))
 
 
 class EmbeddingFilter:
@@ -204,22 +162,31 @@ class EmbeddingFilter:
 
 
 class RowFilter:
-    """Applies the filters in order and remembers what was kept."""
+    """Applies the filters in order and remembers what was kept.
+
+    ``train`` and ``earlier`` (synthetic rows kept by earlier rounds) are what a row must not duplicate;
+    ``held_out`` (the split that judges the model) is what it must not be contaminated by.
+    """
 
     def __init__(
         self,
         train: list[Example],
-        test: list[Example],
+        held_out: list[Example],
         spec: SynthesisSpec,
         threshold: float,
         embeddings: EmbeddingFilter | None = None,
+        earlier: Sequence[Example] = (),
     ) -> None:
-        self.seen = {text_hash(e.instruction) for e in train}
+        known = [*train, *earlier]
+        self.seen = {text_hash(e.instruction) for e in known}
         self.near = NearDuplicateIndex(threshold)
         for e in train:
             self.near.add(f"train:{e.id}", e.instruction)
-        self.decontaminator = Decontaminator(
-            [e.instruction for e in test], spec.decontamination_ngram, spec.decontamination_overlap
+        for e in earlier:
+            self.near.add(f"earlier:{e.id}", e.instruction)
+        self.held_out = HeldOutIndex(
+            held_out, [*train, *held_out], spec.decontamination_ngram, spec.decontamination_overlap,
+            spec.decontamination_common_share, spec.decontamination_answer_min_tokens,
         )
         self.embeddings = embeddings if embeddings is not None and embeddings.active else None
         self.removed: Counter[str] = Counter()
@@ -266,10 +233,13 @@ class RowFilter:
             vector = (vectors or {}).get(instruction)
             if vector is None:
                 vector = emb.encode([instruction])[0]
-        if self.decontaminator.is_contaminated(instruction) or (
+        if self.held_out.instruction_overlaps(instruction) or (
             emb is not None and vector is not None and emb.is_contaminated(vector)
         ):
             self.removed["contaminated"] += 1
+            return None
+        if self.held_out.response_overlaps(*fields):
+            self.removed["contaminated_response"] += 1
             return None
         if self.near.match(instruction) is not None or (
             emb is not None and vector is not None and emb.is_near_duplicate(vector)

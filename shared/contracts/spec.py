@@ -232,7 +232,21 @@ class SynthesisSpec(_Strict):
     )
     decontamination_ngram: int = Field(default=8, ge=3, description="n of the n-gram overlap test")
     decontamination_overlap: float = Field(
-        default=0.5, gt=0, le=1, description="Share of a synthetic instruction's n-grams found in a test item"
+        default=0.5, gt=0, le=1,
+        description="Share of a synthetic instruction's (or response's) varying n-grams found in held-out "
+        "items at or above which it is removed as contaminated",
+    )
+    decontamination_common_share: float = Field(
+        default=0.5, gt=0, le=1,
+        description="n-grams present in more than this share of the train + held-out instructions (or "
+        "responses) are the task's fixed prompt: they count neither as overlap nor in the n-grams compared "
+        "(needs at least 10 rows); 1 = nothing is fixed",
+    )
+    decontamination_answer_min_tokens: int = Field(
+        default=4, ge=1,
+        description="A synthetic response identical (normalised; JSON canonicalised) to a held-out answer is "
+        "contamination when that answer has at least this many word tokens (JSON: in its values) and is the "
+        "answer of no other train or held-out row (a recurring answer, like a label, is no evidence)",
     )
     embedding_decontamination_threshold: float | None = Field(
         default=None, gt=-1, le=1,

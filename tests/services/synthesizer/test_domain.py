@@ -12,8 +12,8 @@ from llamaduo.contracts.events import SynthRequest
 from llamaduo.contracts.spec import ProviderSpec, SynthesisSpec, TaskSpec
 from llamaduo.data.examples import Example, example_id
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError, make_provider
+from llamaduo.services.synthesizer.decontamination import Decontaminator
 from llamaduo.services.synthesizer.domain import synthesize
-from llamaduo.services.synthesizer.filters import Decontaminator
 from llamaduo.services.synthesizer.seeds import SeedPool
 from llamaduo.tasks.invoice import make_dataset, oracle
 

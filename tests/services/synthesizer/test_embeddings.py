@@ -26,8 +26,8 @@ from llamaduo.data.embeddings import (
 )
 from llamaduo.data.examples import Example, example_id
 from llamaduo.services.synthesizer import domain
+from llamaduo.services.synthesizer.decontamination import Decontaminator
 from llamaduo.services.synthesizer.domain import SynthResult, synthesize
-from llamaduo.services.synthesizer.filters import Decontaminator
 from llamaduo.tasks.invoice import make_dataset, match_family, oracle
 
 TASK = TaskSpec(name="support", oracle="llamaduo.tasks.invoice:oracle")
