@@ -57,6 +57,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             seed_ids=result.seed_ids, usage=result.usage, provider=provider.name, budget_exhausted=exhausted,
         ), key="ready"))
 
+
 def _earlier_synthetic(store: ArtifactStore, migration_id: str, round: int) -> list[Example]:
     """The synthetic rows kept by the migration's earlier rounds (those that wrote any), oldest first."""
     keys = [round_key(migration_id, r, "synthetic.jsonl") for r in range(round)]
