@@ -25,7 +25,7 @@ SYSTEM = "Route the ticket to one queue."
 LONG_INSTRUCTION = (
     "Please read the following customer message carefully and decide which single support queue should handle "
     "it, taking into account the product, the billing history, the shipping status and any previous "
-    "conversation with our agents before answering with the name"
+    "conversation with our agents before answering with the queue name"
 )
 
 
