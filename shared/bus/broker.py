@@ -31,6 +31,7 @@ from llamaduo.contracts.events import (
     Subject,
     dead_letter_subject,
 )
+from llamaduo.errors import SpecError
 from llamaduo.settings import Settings
 
 log = logging.getLogger("llamaduo.bus.broker")
@@ -54,7 +55,10 @@ class WorkReturned(Exception):
 
 
 class PermanentError(Exception):
-    """Raised by a handler for work that can never succeed: dead-lettered at once, not retried."""
+    """Raised by a handler for work that can never succeed: dead-lettered at once, not retried.
+
+    A :class:`~llamaduo.errors.SpecError` out of a handler is treated the same way (a spec, or user code it names,
+    that cannot work does not start working on a redelivery)."""
 
 
 def make_stream(settings: Settings) -> JStream:
@@ -177,7 +181,7 @@ class Bus:
                              extra={"subject": subject, "attempt": attempt, "why": str(err)})
                     await msg.nack()
                     return None
-                except PermanentError as err:
+                except (PermanentError, SpecError) as err:  # a spec that cannot work stays so: no retries
                     await bus.dead_letter(subject, msg.body, f"permanent: {err}", attempt)
                     await msg.reject()
                     return None

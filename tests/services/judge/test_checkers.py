@@ -15,6 +15,12 @@ from llamaduo.tasks.plugins import CheckerError
 
 HERE = __name__  # user checkers below are imported by this module's name
 
+
+@pytest.fixture(autouse=True)
+def allow_this_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator allows this module's checkers (user code loads only from what is installed or allowed)."""
+    monkeypatch.setenv("LLAMADUO_ALLOWED_PLUGINS", f"{HERE},no_such_package_xyz")
+
 # --------------------------------------------------------------------------------------------- user checkers
 
 
