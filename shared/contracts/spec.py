@@ -274,6 +274,14 @@ class BudgetSpec(_Strict):
     max_cost: float | None = Field(
         default=None, ge=0, description="Service-LLM cost (USD) for the whole migration; enforced like tokens"
     )
+    patience: int | None = Field(
+        default=None, ge=1,
+        description="Plateau stop: end the migration (reason 'plateau', keeping the best round) when the last "
+        "`patience` rounds did not raise the best gate value by at least `min_gain`; null = off",
+    )
+    min_gain: float = Field(
+        default=1.0, ge=0, description="Plateau stop: the smallest rise of the gate value that counts as progress"
+    )
 
 
 class ServeSpec(_Strict):
@@ -284,14 +292,6 @@ class ServeSpec(_Strict):
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port; 0 picks a free one (logged)")
     model_name: str | None = Field(
         default=None, min_length=1, description="Name clients pass as 'model' (default: the migration id)"
-    )
-    patience: int | None = Field(
-        default=None, ge=1,
-        description="Plateau stop: end the migration (reason 'plateau', keeping the best round) when the last "
-        "`patience` rounds did not raise the best gate value by at least `min_gain`; null = off",
-    )
-    min_gain: float = Field(
-        default=1.0, ge=0, description="Plateau stop: the smallest rise of the gate value that counts as progress"
     )
 
 
