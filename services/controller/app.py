@@ -39,8 +39,10 @@ from llamaduo.contracts.spec import MigrationSpec, SpecError, parse_spec
 from llamaduo.contracts.state import DataRefs, GateStats, MigrationState
 from llamaduo.data.datasets import DatasetError, load_splits
 from llamaduo.reporting.manifest import write_manifest
+from llamaduo.settings import Settings
 from llamaduo.storage.keys import batch_scores_key, data_key, judging_closed_key, spec_key
 from llamaduo.storage.store import ArtifactStore
+from llamaduo.tasks.plugins import refused_code
 
 from . import domain
 
@@ -86,21 +88,20 @@ def _outbox(outputs: list[Envelope]) -> list[Envelope[dict[str, Any]]]:
     return [Envelope[dict[str, Any]].model_validate(o.model_dump(mode="json")) for o in outputs]
 
 
-def _prepare(store: ArtifactStore, migration_id: str, spec: MigrationSpec) -> DataRefs:
-    """Load and split the coverage dataset, then store the splits and the spec (blocking I/O)."""
+def _prepare(store: ArtifactStore, migration_id: str, spec: MigrationSpec, settings: Settings) -> DataRefs:
+    """Load and split the coverage dataset, then store the splits (written once) and the spec (blocking I/O).
+
+    An ``s3://`` source must lie under this migration's prefix or an operator-allowed dataset prefix."""
 
     def fetch_s3(uri: str) -> bytes:
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        if bucket != store.bucket:
-            raise DatasetError(f"dataset.source {uri}: only the installation's bucket {store.bucket!r} is readable")
-        return store.get_bytes(key)
+        return store.fetch_dataset_source(migration_id, uri, settings.allowed_dataset_prefixes)
 
     splits = load_splits(spec.dataset, fetch_s3=fetch_s3)
     store.put_json(spec_key(migration_id), spec.model_dump(mode="json"))
     return DataRefs(
-        train=store.put_jsonl(data_key(migration_id, "train"), splits.train),
-        coverage=store.put_jsonl(data_key(migration_id, "coverage"), splits.coverage),
-        test=store.put_jsonl(data_key(migration_id, "test"), splits.test),
+        train=store.put_jsonl(data_key(migration_id, "train"), splits.train, once=True),
+        coverage=store.put_jsonl(data_key(migration_id, "coverage"), splits.coverage, once=True),
+        test=store.put_jsonl(data_key(migration_id, "test"), splits.test, once=True),
     )
 
 
@@ -172,7 +173,10 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                 return
             try:
                 spec = parse_spec(event.payload.spec, origin=f"of migration {event.migration_id}")
-                data = await asyncio.to_thread(_prepare, store, event.migration_id, spec)
+                if refused := refused_code(spec, bus.settings):  # checked before any worker imports it
+                    raise SpecError(f"spec of migration {event.migration_id} names code that is not allowed:\n"
+                                    + "\n".join(f"  - {line}" for line in refused))
+                data = await asyncio.to_thread(_prepare, store, event.migration_id, spec, bus.settings)
             except (SpecError, DatasetError) as err:
                 reason = "spec" if isinstance(err, SpecError) else "dataset"
                 out = domain.failed_before_start(event, reason, str(err))

@@ -75,6 +75,7 @@ def on_train_done(state: MigrationState, event: Envelope[TrainDone]) -> Outputs:
     rnd.adapter = event.payload.adapter
     rnd.merged = event.payload.merged
     rnd.train_loss = event.payload.train_loss
+    rnd.rows_too_long = event.payload.rows_too_long
     return [_progress(state, event, event.round, Stage.INFERENCE)]
 
 
@@ -203,6 +204,7 @@ def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope, stats:
         threshold=judge.threshold, decision="pass" if passed else "continue", early_stopped=verdict is not None,
         gate_interval=(interval.low, interval.high) if interval is not None and verdict is not None else None,
         confidence=judge.confidence if verdict is not None else None, usage=rnd.usage,
+        rows_too_long=rnd.rows_too_long, synthesis_removed=rnd.synthesis_removed,
     )
     plateau = None if passed or last_round or out_of_budget or not enough else _plateau(state, judge.gate)
     stop = not passed and (last_round or out_of_budget or not enough or plateau is not None)
@@ -265,7 +267,7 @@ def on_synth_ready(state: MigrationState, event: Envelope[SynthReady]) -> Output
     rows = sum(d.rows or 0 for d in datasets)
     synthetic_rows = sum(d.rows or 0 for d in state.synthetic)
     state.rounds.append(RoundState(round=event.round, datasets=datasets, train_rows=rows,
-                                   synthetic_rows=synthetic_rows, usage=p.usage))
+                                   synthetic_rows=synthetic_rows, usage=p.usage, synthesis_removed=p.removed))
     return [
         _progress(state, event, event.round, Stage.TRAINING, f"{rows} rows"),
         event.follow(Subject.TRAIN_REQUEST, TrainRequest(datasets=datasets, rows=rows), key="train"),

@@ -45,7 +45,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         if not spec.serve.enabled:
             return
         await asyncio.to_thread(serve_completed, store, spec, event.migration_id, servers,
-                                bus.settings.work_dir / "serving", model_key=event.payload.model.key or None)
+                                bus.settings.work_dir / "serving", model_key=event.payload.model.key or None,
+                                model_sha256=event.payload.model.sha256)
 
     @bus.consumer(Subject.TRAIN_DONE, "inference", INFERENCE)
     async def on_train_done(event: TrainDoneEvent) -> None:
@@ -55,7 +56,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             store.read_models, data_key(event.migration_id, "test"), Example)
         model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}"
         items, predictions = await asyncio.to_thread(
-            predict_round, store, spec, test, event.migration_id, event.round, event.payload.adapter.key, model_dir,
+            predict_round, store, spec, test, event.migration_id, event.round, event.payload.adapter, model_dir,
             should_stop=bus.stopping.is_set)
         # judged in a seeded random order: sequential early stopping assumes batches are random samples
         order = list(items)

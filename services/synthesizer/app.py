@@ -51,7 +51,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             await provider.aclose()
         exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
         dataset = await asyncio.to_thread(
-            store.put_jsonl, round_key(event.migration_id, event.round, "synthetic.jsonl"), result.examples)
+            store.put_jsonl, round_key(event.migration_id, event.round, "synthetic.jsonl"), result.examples,
+            once=True)
         await bus.emit(event.follow(Subject.SYNTH_READY, SynthReady(
             dataset=dataset, generated=result.generated, kept=result.kept, removed=result.removed,
             seed_ids=result.seed_ids, usage=result.usage, provider=provider.name, budget_exhausted=exhausted,

@@ -248,6 +248,12 @@ class RoundSummary(BaseModel):
     )
     confidence: float | None = Field(default=None, description="Confidence of gate_interval")
     usage: Usage = Field(default_factory=Usage)
+    rows_too_long: int = Field(
+        default=0, description="Training rows left out: longer than student.training.max_length (train.done)"
+    )
+    synthesis_removed: dict[str, int] = Field(
+        default_factory=dict, description="Synthetic rows removed for this round's training data, by reason"
+    )
 
 
 class MigrationProgress(BaseModel):

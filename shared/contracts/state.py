@@ -108,6 +108,10 @@ class RoundState(BaseModel):
     )
     to_judge: int | None = Field(default=None, description="Answers to judge (from infer.done)")
     judge_provider: str = ""
+    rows_too_long: int = Field(default=0, description="Training rows left out as too long (train.done)")
+    synthesis_removed: dict[str, int] = Field(
+        default_factory=dict, description="Synthetic rows removed by reason (synth.ready of this round)"
+    )
     usage: Usage = Field(default_factory=Usage)
     summary: RoundSummary | None = None
     judging_closed: bool = Field(

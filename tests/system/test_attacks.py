@@ -184,13 +184,6 @@ def test_a_tampered_adapter_is_not_served(
     assert servers == {}
 
 
-#: The controller applies plugins.refused_code and store.fetch_dataset_source at migration.start (services/
-#: controller is wired by its owner); these pass once it is, and the marker must then go.
-NEEDS_CONTROLLER = pytest.mark.xfail(strict=True, reason="controller on_start wiring of refused_code and "
-                                     "fetch_dataset_source not merged yet")
-
-
-@NEEDS_CONTROLLER
 async def test_controller_refuses_disallowed_code_and_other_migrations_data_at_start(
     settings, store: ArtifactStore, tmp_path: Path, marking_module: tuple[str, Path]
 ) -> None:
