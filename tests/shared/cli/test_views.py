@@ -58,7 +58,7 @@ def test_status_and_events_show_a_running_migration(tmp_path: Path) -> None:
             assert types[:3] == ["migration.start", "migration.progress", "train.request"]
         finally:
             started.send_signal(signal.SIGINT)
-            started.wait(20)
+            started.wait(60)  # a loaded 2-core machine needs more than a few seconds to close connections
 
 
 def _processes_mentioning(marker: str) -> list[int]:
@@ -88,8 +88,8 @@ def test_ctrl_c_stops_embedded_installation_cleanly(tmp_path: Path, sig: int) ->
     assert "training" in seen, seen
     assert _processes_mentioning(str(data_dir)), "the installation should be running"
     proc.send_signal(sig)
-    proc.wait(60)
-    assert proc.returncode == 130
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
     time.sleep(0.5)
     assert _processes_mentioning(str(data_dir)) == [], "servers and services must all be stopped"
 
