@@ -89,7 +89,8 @@ def _outbox(outputs: list[Envelope]) -> list[Envelope[dict[str, Any]]]:
 
 
 def _prepare(store: ArtifactStore, migration_id: str, spec: MigrationSpec, settings: Settings) -> DataRefs:
-    """Load and split the coverage dataset, then store the splits (written once) and the spec (blocking I/O).
+    """Load and split the coverage dataset, then store the splits (written once; the eval split as ``test``, the
+    holdout only when it has rows) and the spec (blocking I/O).
 
     An ``s3://`` source must lie under this migration's prefix or an operator-allowed dataset prefix."""
 
@@ -102,6 +103,8 @@ def _prepare(store: ArtifactStore, migration_id: str, spec: MigrationSpec, setti
         train=store.put_jsonl(data_key(migration_id, "train"), splits.train, once=True),
         coverage=store.put_jsonl(data_key(migration_id, "coverage"), splits.coverage, once=True),
         test=store.put_jsonl(data_key(migration_id, "test"), splits.test, once=True),
+        holdout=store.put_jsonl(data_key(migration_id, "holdout"), splits.holdout, once=True)
+        if splits.holdout else None,
     )
 
 
@@ -189,7 +192,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             state, outputs = domain.start(event, spec, data)
             await commit(state, None, outputs)
             log.info("migration started", extra={"migration_id": event.migration_id,
-                                                 "coverage_rows": data.coverage.rows, "test_rows": data.test.rows})
+                                                 "coverage_rows": data.coverage.rows, "test_rows": data.test.rows,
+                                                 "holdout_rows": data.holdout.rows if data.holdout else 0})
 
     @bus.consumer(Subject.TRAIN_DONE, "controller-train-done", CONTROL)
     async def on_train_done(event: TrainDoneEvent) -> None:

@@ -21,6 +21,7 @@ from llamaduo.contracts.events import (
     Envelope,
     EvalScored,
     InferDone,
+    InferRequest,
     MigrationCompleted,
     MigrationFailed,
     MigrationProgress,
@@ -33,7 +34,7 @@ from llamaduo.contracts.events import (
     TrainRequest,
 )
 from llamaduo.contracts.spec import MigrationSpec
-from llamaduo.contracts.state import PENDING_KEEP, DataRefs, GateStats, MigrationState, RoundState
+from llamaduo.contracts.state import PENDING_KEEP, DataRefs, GateStats, HoldoutState, MigrationState, RoundState
 from llamaduo.services.controller.early_stopping import GateInterval, Verdict, sequential_decision_stats
 from llamaduo.services.controller.gate import aggregate_stats
 from llamaduo.storage.keys import batch_scores_prefix, migration_key
@@ -70,7 +71,7 @@ def start(cause: Envelope, spec: MigrationSpec, data: DataRefs) -> tuple[Migrati
 
 def on_train_done(state: MigrationState, event: Envelope[TrainDone]) -> Outputs:
     rnd = state.current(event.round)
-    if rnd is None or state.done or rnd.adapter is not None:
+    if rnd is None or state.done or state.ending or rnd.adapter is not None:
         return []
     rnd.adapter = event.payload.adapter
     rnd.merged = event.payload.merged
@@ -81,7 +82,7 @@ def on_train_done(state: MigrationState, event: Envelope[TrainDone]) -> Outputs:
 
 def on_infer_done(state: MigrationState, event: Envelope[InferDone]) -> Outputs:
     rnd = state.current(event.round)
-    if rnd is None or state.done or rnd.predictions is not None:
+    if rnd is None or state.done or state.ending or rnd.predictions is not None:
         return []
     rnd.predictions = event.payload.predictions
     rnd.batches = event.payload.batches
@@ -101,6 +102,8 @@ def on_eval_scored(state: MigrationState, event: Envelope[EvalScored], load: Bat
     reads back a batch that arrived ahead of the prefix when the state did not keep its statistics (more than
     ``PENDING_KEEP`` ahead); each batch is loaded at most once, so the work stays flat on average.
     """
+    if getattr(event.payload, "split", "eval") == "holdout":
+        return on_holdout_scored(state, event)
     rnd = state.current(event.round)
     p = event.payload
     if rnd is None or state.done or rnd.has_batch(p.batch):
@@ -110,6 +113,8 @@ def on_eval_scored(state: MigrationState, event: Envelope[EvalScored], load: Bat
         rnd.late_count += 1
         rnd.usage = rnd.usage + p.usage
         state.usage = state.usage + p.usage
+        return []
+    if state.ending:  # the migration ended (a failure) while this round was open: nothing more is decided
         return []
     stats = GateStats.from_scores(p.scores)
     rnd.totals = rnd.totals + stats
@@ -209,13 +214,8 @@ def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope, stats:
     plateau = None if passed or last_round or out_of_budget or not enough else _plateau(state, judge.gate)
     stop = not passed and (last_round or out_of_budget or not enough or plateau is not None)
     rnd.summary.decision = "pass" if passed else ("stop" if stop else "continue")
-    summaries = [r.summary for r in state.rounds if r.summary]
     if passed:
-        state.stage, state.outcome = Stage.COMPLETED, "completed"
-        return [cause.follow(Subject.MIGRATION_COMPLETED, MigrationCompleted(
-            model=rnd.adapter or ArtifactRef(key=""), best_round=rnd.round, rounds=summaries, usage=state.usage,
-            report=ArtifactRef(key=migration_key(state.migration_id, "report", "report.html")),
-        ), key="completed")]
+        return _end(state, cause, rnd, "completed")
     if stop:
         if budget_exhausted:
             return fail(state, cause, "budget", (
@@ -247,7 +247,7 @@ def _close_round(state: MigrationState, rnd: RoundState, cause: Envelope, stats:
 
 def on_synth_ready(state: MigrationState, event: Envelope[SynthReady]) -> Outputs:
     """New synthetic data: train the next round on coverage + every synthetic set so far."""
-    if state.done or event.round != len(state.rounds):
+    if state.done or state.ending or event.round != len(state.rounds):
         return []
     p = event.payload
     if p.budget_exhausted:
@@ -275,18 +275,91 @@ def on_synth_ready(state: MigrationState, event: Envelope[SynthReady]) -> Output
 
 
 def fail(state: MigrationState, cause: Envelope, reason: str, detail: str) -> Outputs:
-    """End the migration as failed, keeping its best model so far."""
+    """End the migration as failed, keeping its best model so far (after judging the holdout with it, see
+    :func:`_end`). While the holdout is being judged (work of it dead-lettered), end at once with the gate
+    result and a note: the holdout never changes the outcome."""
     if state.done:
         return []
+    if state.ending:
+        return _holdout_end(state, cause, note=f"holdout not judged in full: {detail}")
     current = state.rounds[-1] if state.rounds else None
     if current is not None and current.batches is not None and current.batches_outstanding:
         current.judging_closed = True  # judges skip what is left of this round
-    best = state.best_round()
-    state.stage, state.outcome = Stage.FAILED, reason
+    return _end(state, cause, state.best_round(), reason, detail)
+
+
+#: Failure reasons after which the holdout is not judged: the judge cannot (or may not) be asked again.
+NO_HOLDOUT_AFTER = {"budget": "the service budget is spent", "judge_unavailable": "the judge is unavailable"}
+
+
+def _end(state: MigrationState, cause: Envelope, chosen: RoundState | None, outcome: str,
+         detail: str = "") -> Outputs:
+    """The decision is taken (``outcome``: 'completed' or a failure reason; ``chosen``: the round handed over).
+    With a holdout split and a chosen adapter, first have that adapter answer the holdout (``infer.request``,
+    once: deterministic id) and judge all of it; the final event follows in :func:`_holdout_end`."""
+    holdout = state.data.holdout if state.data is not None else None
+    if chosen is None or chosen.adapter is None or holdout is None or not holdout.rows:
+        return _final(state, cause, chosen, outcome, detail)
+    if outcome in NO_HOLDOUT_AFTER:
+        if chosen.summary is not None:
+            chosen.summary.holdout_note = f"holdout not judged: {NO_HOLDOUT_AFTER[outcome]}"
+        return _final(state, cause, chosen, outcome, detail)
+    k = state.parsed_spec.student.inference.samples_per_prompt
+    state.holdout = HoldoutState(round=chosen.round, outcome=outcome, detail=detail, to_judge=holdout.rows * k)
+    return [
+        _progress(state, cause, chosen.round, Stage.HOLDOUT, f"round {chosen.round}", judged=0,
+                  to_judge=holdout.rows * k),
+        cause.follow(Subject.INFER_REQUEST, InferRequest(adapter=chosen.adapter), round=chosen.round, key="holdout"),
+    ]
+
+
+def on_holdout_scored(state: MigrationState, event: Envelope[EvalScored]) -> Outputs:
+    """Collect one judged holdout batch (all of them are judged: no early stopping); when all are in, publish
+    the final event with the holdout aggregates. Never changes a decision."""
+    h, p = state.holdout, event.payload
+    if h is None or state.done or event.round != h.round or h.has_batch(p.batch):
+        return []
+    h.mark_batch(p.batch)
+    h.batches = p.batches
+    h.stats = h.stats + GateStats.from_scores(p.scores)
+    h.usage = h.usage + p.usage
+    state.usage = state.usage + p.usage
+    if h.received_count < p.batches:
+        return [_progress(state, event, h.round, Stage.HOLDOUT, detail=f"batch {h.received_count}",
+                          judged=h.stats.answers, to_judge=h.to_judge)]
+    return _holdout_end(state, event)
+
+
+def _holdout_end(state: MigrationState, cause: Envelope, note: str = "") -> Outputs:
+    """Put the holdout aggregates (whatever was judged) on the chosen round's summary; publish the final event."""
+    h = state.holdout
+    assert h is not None
+    chosen = state.rounds[h.round]
+    if chosen.summary is not None:
+        s = chosen.summary
+        s.holdout_aggregates = {k: float(v) for k, v in aggregate_stats(h.stats).items()} if h.stats.judged else {}
+        s.holdout_judged, s.holdout_to_judge = h.stats.judged, h.to_judge
+        notes = [note] if note else []
+        if h.stats.failed:
+            notes.append(f"the judge failed on {h.stats.failed} of {h.stats.answers} holdout answers")
+        s.holdout_note = "; ".join(notes)
+    return _final(state, cause, chosen, h.outcome, h.detail)
+
+
+def _final(state: MigrationState, cause: Envelope, chosen: RoundState | None, outcome: str,
+           detail: str) -> Outputs:
+    """``migration.completed`` (``outcome`` 'completed') or ``migration.failed`` with ``chosen`` as the model."""
+    summaries = [r.summary for r in state.rounds if r.summary]
+    if outcome == "completed" and chosen is not None:
+        state.stage, state.outcome = Stage.COMPLETED, "completed"
+        return [cause.follow(Subject.MIGRATION_COMPLETED, MigrationCompleted(
+            model=chosen.adapter or ArtifactRef(key=""), best_round=chosen.round, rounds=summaries,
+            usage=state.usage, report=ArtifactRef(key=migration_key(state.migration_id, "report", "report.html")),
+        ), key="completed")]
+    state.stage, state.outcome = Stage.FAILED, outcome
     return [cause.follow(Subject.MIGRATION_FAILED, MigrationFailed(
-        reason=reason, detail=detail, best_model=best.adapter if best else None,
-        best_round=best.round if best else None, rounds=[r.summary for r in state.rounds if r.summary],
-        usage=state.usage,
+        reason=outcome, detail=detail, best_model=chosen.adapter if chosen else None,
+        best_round=chosen.round if chosen else None, rounds=summaries, usage=state.usage,
     ), key="failed")]
 
 

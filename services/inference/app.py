@@ -7,6 +7,9 @@
   ``serve.host:serve.port`` under ``serve.model_name`` (default: the migration id), from a thread of this
   service (:mod:`~llamaduo.services.inference.serve_after`). With several inference replicas, one of them
   (whichever takes the event) serves it.
+* ``infer.request`` (split ``holdout``, sent once by the controller at the end) -> answer the holdout split with
+  the chosen round's adapter (shards and predictions under ``round-N/holdout/``) -> ``judge.request`` batches
+  with ``split: holdout`` (no ``infer.done``: the batches carry their count).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shutil
 from llamaduo.bus.broker import Bus, Delivery
 from llamaduo.contracts.events import (
     InferDone,
+    InferRequestEvent,
     JudgeRequest,
     MigrationCompletedEvent,
     Subject,
@@ -47,6 +51,23 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         await asyncio.to_thread(serve_completed, store, spec, event.migration_id, servers,
                                 bus.settings.work_dir / "serving", model_key=event.payload.model.key or None,
                                 model_sha256=event.payload.model.sha256)
+
+    @bus.consumer(Subject.INFER_REQUEST, "inference-request", INFERENCE)
+    async def on_infer_request(event: InferRequestEvent) -> None:
+        """Answer the holdout split with the chosen round's adapter and hand the answers to the judges."""
+        spec = await asyncio.to_thread(specs.get, event.migration_id)
+        split = event.payload.split
+        prompts = await asyncio.to_thread(store.read_models, data_key(event.migration_id, split), Example)
+        model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}-{split}"
+        items, _ = await asyncio.to_thread(
+            predict_round, store, spec, prompts, event.migration_id, event.round, event.payload.adapter, model_dir,
+            should_stop=bus.stopping.is_set, split=split)
+        size = spec.judge.batch_size
+        batches = [items[i:i + size] for i in range(0, len(items), size)]
+        for b, chunk in enumerate(batches):
+            await bus.emit(event.follow(Subject.JUDGE_REQUEST, JudgeRequest(
+                batch=b, batches=len(batches), items=chunk, split=split), key=f"judge-{split}-{b}"))
+        shutil.rmtree(model_dir, ignore_errors=True)
 
     @bus.consumer(Subject.TRAIN_DONE, "inference", INFERENCE)
     async def on_train_done(event: TrainDoneEvent) -> None:

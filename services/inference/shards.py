@@ -42,6 +42,7 @@ def predict_in_shards(
     *,
     shard_size: int = PROMPTS_PER_SHARD,
     should_stop: Callable[[], bool] | None = None,
+    split: str = "eval",
 ) -> tuple[list[JudgeItem], int]:
     """Answer ``test`` shard by shard, storing each shard as it is done and reusing stored ones.
 
@@ -54,7 +55,7 @@ def predict_in_shards(
     generated = 0
     for index, start in enumerate(range(0, len(test), shard_size)):
         chunk = test[start:start + shard_size]
-        key = shard_key(migration_id, round, index)
+        key = shard_key(migration_id, round, index, split)
         stored = _stored_shard(store, key, [e.id for e in chunk for _ in range(samples_per_prompt)])
         if stored is None:
             if should_stop is not None and should_stop():
@@ -84,7 +85,7 @@ def lazy_answerer(load: Callable[[], Answerer]) -> Answerer:
 def predict_round(
     store: ArtifactStore, spec: MigrationSpec, test: list[Example], migration_id: str, round: int,
     adapter: ArtifactRef | str, model_dir: Path, *, shard_size: int = PROMPTS_PER_SHARD,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None, split: str = "eval",
 ) -> tuple[list[JudgeItem], ArtifactRef]:
     """Predictions of a round (sharded, see :func:`predict_in_shards`) joined into ``predictions.jsonl``.
 
@@ -92,6 +93,7 @@ def predict_round(
     index must have the ref's sha256 and every file its index hash, else
     :class:`~llamaduo.errors.StoreError` before anything is loaded (a bare key is checked for its prefix and
     per-file hashes only). ``predictions.jsonl`` is written once (a redelivery never replaces a published one).
+    ``split``: 'eval', or 'holdout' (its shards and predictions in the round's ``holdout/`` folder).
     """
 
     def load() -> Answerer:
@@ -106,5 +108,5 @@ def predict_round(
 
     k = spec.student.inference.samples_per_prompt
     items, _ = predict_in_shards(store, test, migration_id, round, lazy_answerer(load), k, shard_size=shard_size,
-                                 should_stop=should_stop)
-    return items, store.put_jsonl(predictions_key(migration_id, round), items, once=True)
+                                 should_stop=should_stop, split=split)
+    return items, store.put_jsonl(predictions_key(migration_id, round, split), items, once=True)

@@ -3,9 +3,10 @@
 
 A batch of a round whose judging the controller closed early (marker object
 ``round-N/judging-closed``, see the controller's early stopping) is acknowledged without a provider call
-and without a reply. With a budget in the spec, every call goes through the migration's spend ledger
-(:mod:`llamaduo.providers.budget`); a refused call leaves its answers unjudged and the reply says
-``budget_exhausted``.
+and without a reply; a holdout batch (``split: holdout``, judged once at the end with the chosen round's
+adapter) is never skipped: it is judged in full, its scores stored under ``round-N/holdout/scores/``.
+With a budget in the spec, every call goes through the migration's spend ledger (:mod:`llamaduo.providers.budget`);
+a refused call leaves its answers unjudged and the reply says ``budget_exhausted``.
 
 Each judged batch's scores (one ``Score`` per answer, with its reason) are stored as one S3 object,
 ``round-N/scores/batch-XXXXX.jsonl``, before ``eval.scored`` is published: the controller keeps only their
@@ -57,7 +58,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         from llamaduo.services.judge.domain import judge_items
         from llamaduo.tasks.plugins import CheckerError
 
-        if await judging_closed(event.migration_id, event.round):
+        split = event.payload.split
+        if split == "eval" and await judging_closed(event.migration_id, event.round):
             log.info("batch skipped: judging closed", extra={"migration_id": event.migration_id,
                                                               "round": event.round, "batch": event.payload.batch})
             return
@@ -81,8 +83,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             judged_by = provider.name
             exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
         stored = await asyncio.to_thread(
-            store.put_jsonl, batch_scores_key(event.migration_id, event.round, event.payload.batch), scores)
+            store.put_jsonl, batch_scores_key(event.migration_id, event.round, event.payload.batch, split), scores)
         await bus.emit(event.follow(Subject.EVAL_SCORED, EvalScored(
             batch=event.payload.batch, batches=event.payload.batches, scores=scores, usage=usage,
-            provider=judged_by, budget_exhausted=exhausted, scores_ref=stored,
-        ), key=f"scored-{event.payload.batch}"))
+            provider=judged_by, budget_exhausted=exhausted, scores_ref=stored, split=split,
+        ), key=f"scored-{event.payload.batch}" if split == "eval" else f"scored-{split}-{event.payload.batch}"))

@@ -1,5 +1,7 @@
 """Synthesizer bus adapter: ``synth.request`` -> new examples from train seeds, deduplicated and
-decontaminated -> dataset to S3 -> ``synth.ready``.
+decontaminated (against the eval and holdout splits) -> dataset to S3 -> ``synth.ready``. Targeting reads the
+eval split and the failed ids of the judged round's eval score objects (``round-N/scores/``) only, never the
+holdout.
 
 With a budget in the spec, every teacher call goes through the migration's spend ledger
 (:mod:`llamaduo.providers.budget`): a call that could exceed it is not made, and ``synth.ready`` says
@@ -32,6 +34,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         train = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "train"), Example)
         test = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "test"), Example)
+        holdout = await asyncio.to_thread(_holdout, store, event.migration_id)
         earlier = await asyncio.to_thread(_earlier_synthetic, store, event.migration_id, event.round)
         request = event.payload
         if request.scores_round is not None:  # failed test items, from the judged round's score objects
@@ -46,7 +49,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             result = await synthesize(train, test, request, spec.synthesis, provider, round=event.round,
                                       seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,
                                       near_duplicate_threshold=spec.synthesis.near_duplicate_threshold,
-                                      earlier=earlier)
+                                      earlier=earlier, holdout=holdout)
         finally:
             await provider.aclose()
         exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
@@ -57,6 +60,12 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             dataset=dataset, generated=result.generated, kept=result.kept, removed=result.removed,
             seed_ids=result.seed_ids, usage=result.usage, provider=provider.name, budget_exhausted=exhausted,
         ), key="ready"))
+
+
+def _holdout(store: ArtifactStore, migration_id: str) -> list[Example]:
+    """The migration's holdout split (none when it has no holdout): decontaminated against, never targeted."""
+    key = data_key(migration_id, "holdout")
+    return store.read_models(key, Example) if store.exists(key) else []
 
 
 def _earlier_synthetic(store: ArtifactStore, migration_id: str, round: int) -> list[Example]:

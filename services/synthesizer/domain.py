@@ -90,6 +90,7 @@ async def synthesize(
     max_attempts: int = 3,
     embedder: SentenceEmbedder | None = None,
     earlier: Sequence[Example] = (),
+    holdout: Sequence[Example] = (),
 ) -> SynthResult:
     """Generate up to ``request.samples`` new examples (``spec.samples_per_round`` if that is 0).
 
@@ -100,8 +101,9 @@ async def synthesize(
     ``3 * ceil(target / examples_per_call) + 2`` calls are made; a wave in which every call failed ends
     the round early. Never raises for provider or reply problems.
 
-    ``held_out`` is the split that judges the model (today the test split): targeted seeds are chosen near
-    its failed items (``request.failed_item_ids``) and no kept row may be contaminated by it. ``earlier``
+    ``held_out`` is the eval split (it gates every round): targeted seeds are chosen near its failed items
+    (``request.failed_item_ids``; ids of other splits are ignored) and no kept row may be contaminated by it.
+    ``holdout`` (judged once at the end) is only decontaminated against: targeting never reads it. ``earlier``
     holds the synthetic rows kept by earlier rounds: a row duplicating one of them (exactly or nearly) is
     removed like a duplicate of a train row.
 
@@ -112,7 +114,7 @@ async def synthesize(
     """
     target = request.samples if request.samples > 0 else spec.samples_per_round
     rng = random.Random(seed * 1_000_003 + round)
-    by_id = {e.id: e for e in held_out}
+    by_id = {e.id: e for e in held_out}  # eval items only: the holdout is never a target
     targets: list[str] = []
     if spec.strategy == "targeted":
         targets = [by_id[i].instruction for i in request.failed_item_ids if i in by_id]
@@ -123,11 +125,11 @@ async def synthesize(
             EmbeddingFilter,
             embedder or get_embedder(),
             [e.instruction for e in [*train, *earlier]],
-            [e.instruction for e in held_out],
+            [e.instruction for e in [*held_out, *holdout]],
             spec.embedding_decontamination_threshold,
             spec.embedding_near_duplicate_threshold,
         )
-    filters = RowFilter(train, held_out, spec, near_duplicate_threshold, embeddings, earlier)
+    filters = RowFilter(train, [*held_out, *holdout], spec, near_duplicate_threshold, embeddings, earlier)
     semaphore = asyncio.Semaphore(provider.spec.limits.max_concurrency)
     max_calls = 3 * math.ceil(target / spec.examples_per_call) + 2
     result = SynthResult()

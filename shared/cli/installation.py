@@ -37,6 +37,8 @@ def _round_rows(state: MigrationState) -> list[dict[str, Any]]:
             "failed": s.failed_judgements if s else r.totals.failed, "to_judge": s.to_judge if s else r.to_judge,
             "aggregates": s.aggregates if s else {}, "early_stopped": s.early_stopped if s else False,
             "decision": s.decision if s else None,
+            "holdout": s.holdout_aggregates.get(s.gate_metric) if s else None,
+            "holdout_judged": s.holdout_judged if s else 0,
         })
     return rows
 
@@ -66,7 +68,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{'' if row['threshold'] is None else ' / ' + format(row['threshold'], 'g')}"
                   f"  judged {row['judged']}/{row['to_judge'] if row['to_judge'] is not None else '?'}"
                   f" (failed {row['failed']}){' early' if row['early_stopped'] else ''}"
-                  f"  {others}  decision: {row['decision'] or 'pending'}")
+                  f"  {others}  decision: {row['decision'] or 'pending'}"
+                  + (f"  holdout {row['holdout']:.1f} ({row['holdout_judged']} judged)"
+                     if row["holdout"] is not None else ""))
     return 0
 
 

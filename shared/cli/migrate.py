@@ -36,6 +36,8 @@ def summary(migration_id: str, final: Envelope | None) -> dict[str, Any]:
         "aggregates": {k: round(v, 2) for k, v in r.aggregates.items()},
         "gate": r.gate_metric, "threshold": r.threshold, "decision": r.decision,
         "early_stopped": r.early_stopped,
+        "holdout": {k: round(v, 2) for k, v in r.holdout_aggregates.items()},
+        "holdout_judged": r.holdout_judged, "holdout_to_judge": r.holdout_to_judge, "holdout_note": r.holdout_note,
     } for r in p.rounds]
     out = {"migration_id": migration_id, "status": "completed" if hasattr(p, "model") else "failed",
            "rounds": rounds, "service_tokens": p.usage.tokens, "cost": round(p.usage.cost, 6),
@@ -47,6 +49,22 @@ def summary(migration_id: str, final: Envelope | None) -> dict[str, Any]:
         out["reason"], out["detail"] = p.reason, p.detail
         out["model"] = p.best_model.key if p.best_model else None
     return out
+
+
+def holdout_line(summary: dict[str, Any]) -> str:
+    """The chosen round's holdout score beside its gate score (one line), or "" when no round has a holdout
+    result; the holdout is judged once at the end with the chosen model and never decides anything."""
+    for r in summary["rounds"]:
+        if r.get("holdout") or r.get("holdout_note"):
+            gate = r["gate"]
+            gated = r["aggregates"].get(gate, 0.0)
+            held = r["holdout"].get(gate)
+            score = f"{gate} {held:.1f}" if held is not None else "no score"
+            note = f" ({r['holdout_note']})" if r.get("holdout_note") else ""
+            return (f"holdout, round {r['round']} (chosen; judged once at the end, never used for a decision): "
+                    f"{score} on {r.get('holdout_judged', 0)}/{r.get('holdout_to_judge', 0)} answers, "
+                    f"beside the gate's {gated:.1f} on the eval split{note}")
+    return ""
 
 
 def print_table(summary: dict[str, Any], stream: IO[str]) -> None:
@@ -68,6 +86,8 @@ def print_table(summary: dict[str, Any], stream: IO[str]) -> None:
                       f"{a.get('coverage_50', 0):.1f}", f"{a.get('coverage_70', 0):.1f}", r["decision"] or "")
     console = Console(file=stream, width=max(120, Console(file=stream).width))
     console.print(table)
+    if line := holdout_line(summary):
+        console.print(line)
     if summary.get("model"):
         console.print(f"model: {summary['model']}")
     if summary["status"] != "completed":

@@ -1,5 +1,7 @@
 """The event contract: one envelope, every payload, every subject.
 
+# size: the whole event contract (subjects, payloads, envelope) stays in one module, the single source of the docs
+
 Services import this module, never raw subject strings. Events are facts (``train.done``), requests are
 commands (``train.request``). Every message on the bus is an :class:`Envelope` serialised as JSON; its
 ``event_id`` is also the ``Nats-Msg-Id`` header, so JetStream drops a re-published duplicate.
@@ -47,6 +49,7 @@ class Subject(StrEnum):
     TRAIN_REQUEST = "train.request"
     TRAIN_PROGRESS = "train.progress"
     TRAIN_DONE = "train.done"
+    INFER_REQUEST = "infer.request"
     INFER_DONE = "infer.done"
     JUDGE_REQUEST = "judge.request"
     EVAL_SCORED = "eval.scored"
@@ -77,6 +80,7 @@ class Stage(StrEnum):
     INFERENCE = "inference"
     JUDGING = "judging"
     SYNTHESIS = "synthesis"
+    HOLDOUT = "holdout"
     COMPLETED = "completed"
     FAILED = "failed"
 
@@ -130,6 +134,19 @@ class TrainDone(BaseModel):
     )
 
 
+#: The split a judge batch belongs to: ``eval`` gates rounds; ``holdout`` is judged once at the end.
+Split = Literal["eval", "holdout"]
+
+
+class InferRequest(BaseModel):
+    """Answer a stored split with an adapter, then hand the answers to the judges (``judge.request`` with
+    ``split``). The controller sends it once, for the holdout, with the chosen round's adapter; the envelope's
+    ``round`` is that round."""
+
+    adapter: ArtifactRef = Field(description="The chosen round's adapter (verified against its sha256)")
+    split: Literal["holdout"] = Field(default="holdout", description="Which stored split to answer")
+
+
 class InferDone(BaseModel):
     predictions: ArtifactRef
     prompts: int
@@ -149,6 +166,9 @@ class JudgeRequest(BaseModel):
     batch: int = Field(description="Batch index within the round, 0-based")
     batches: int = Field(description="Number of batches in the round")
     items: list[JudgeItem]
+    split: Split = Field(
+        default="eval", description="'holdout': judged in full (never skipped by a closed round), scores stored "
+        "apart (round-N/holdout/scores/), never used for a decision")
 
 
 class Score(BaseModel):
@@ -197,6 +217,7 @@ class EvalScored(BaseModel):
     scores_ref: ArtifactRef | None = Field(
         default=None, description="The batch's scores as stored in S3 (round-N/scores/batch-XXXXX.jsonl)"
     )
+    split: Split = Field(default="eval", description="The judge.request's split, echoed")
 
 
 class SynthRequest(BaseModel):
@@ -254,6 +275,12 @@ class RoundSummary(BaseModel):
     synthesis_removed: dict[str, int] = Field(
         default_factory=dict, description="Synthetic rows removed for this round's training data, by reason"
     )
+    holdout_aggregates: dict[str, float] = Field(
+        default_factory=dict, description="Aggregates over the holdout split, judged once at the end with this "
+        "(the chosen) round's adapter; empty for other rounds or without a holdout. Never used for a decision")
+    holdout_judged: int = Field(default=0, description="Holdout answers judged (holdout_aggregates are over these)")
+    holdout_to_judge: int = Field(default=0, description="Holdout answers produced for judging")
+    holdout_note: str = Field(default="", description="Why the holdout score is missing or partial, if it is")
 
 
 class MigrationProgress(BaseModel):
@@ -302,6 +329,7 @@ PAYLOADS: dict[Subject, type[BaseModel]] = {
     Subject.TRAIN_REQUEST: TrainRequest,
     Subject.TRAIN_PROGRESS: TrainProgress,
     Subject.TRAIN_DONE: TrainDone,
+    Subject.INFER_REQUEST: InferRequest,
     Subject.INFER_DONE: InferDone,
     Subject.JUDGE_REQUEST: JudgeRequest,
     Subject.EVAL_SCORED: EvalScored,
@@ -382,6 +410,7 @@ MigrationStartEvent = Envelope[MigrationStart]
 TrainRequestEvent = Envelope[TrainRequest]
 TrainProgressEvent = Envelope[TrainProgress]
 TrainDoneEvent = Envelope[TrainDone]
+InferRequestEvent = Envelope[InferRequest]
 InferDoneEvent = Envelope[InferDone]
 JudgeRequestEvent = Envelope[JudgeRequest]
 EvalScoredEvent = Envelope[EvalScored]

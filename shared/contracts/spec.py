@@ -41,9 +41,17 @@ class DatasetSpec(_Strict):
     instruction_column: str = "instruction"
     response_column: str = "response"
     messages_column: str | None = Field(default=None, description="Use a chat 'messages' column instead")
-    split_column: str | None = Field(default="split", description="Column holding 'train'/'test', if any")
-    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="Used when no split column exists")
-    test_size: int | None = Field(default=None, ge=1, description="Cap on test rows")
+    split_column: str | None = Field(
+        default="split", description="Column holding 'train', 'eval' (or 'test': the same) and 'holdout', if any")
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="Eval split share when no split column exists")
+    test_size: int | None = Field(default=None, ge=1, description="Cap on eval rows (the split that gates the loop)")
+    holdout_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="Holdout share of the train split (judged once at the end, never used "
+        "for a decision), drawn from train rows beyond coverage (train_size): none when coverage is all of it; "
+        "rows labelled 'holdout' are used instead")
+    holdout_size: int | None = Field(
+        default=None, ge=0, description="Exact holdout rows (overrides holdout_fraction; taken from the train split "
+        "when coverage is all of it); 0 = no holdout")
     train_size: int | None = Field(
         default=None, ge=1, description="Coverage rows used for training (rest of train split stays seeds)"
     )

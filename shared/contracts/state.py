@@ -141,7 +141,35 @@ class DataRefs(BaseModel):
 
     train: ArtifactRef
     coverage: ArtifactRef
-    test: ArtifactRef
+    test: ArtifactRef = Field(description="The eval split (gates every round), stored as data/test.jsonl")
+    holdout: ArtifactRef | None = Field(
+        default=None, description="The holdout split (judged once at the end); None: the migration has none")
+
+
+class HoldoutState(BaseModel):
+    """The end of a migration: the chosen round's adapter answers the holdout split, the judge scores all of it
+    (no early stopping), then the final event (kept here as ``outcome``/``detail``) is published with the
+    holdout aggregates beside the gate score. Bounded like a round: a bitmap and sums, no scores."""
+
+    round: int = Field(description="The chosen round, whose adapter answers the holdout")
+    outcome: str = Field(description="'completed', or the failure reason of the migration.failed to publish")
+    detail: str = ""
+    to_judge: int = Field(default=0, description="Holdout answers expected (prompts x K)")
+    batches: int | None = None
+    received: str = Field(default="", description="Bitmap (hex) of the holdout eval.scored applied")
+    received_count: int = 0
+    stats: GateStats = Field(default_factory=GateStats)
+    usage: Usage = Field(default_factory=Usage)
+
+    def has_batch(self, batch: int) -> bool:
+        """True when holdout batch ``batch`` was applied."""
+        return _bit(self.received, batch)
+
+    def mark_batch(self, batch: int) -> None:
+        """Record holdout batch ``batch`` as applied (once)."""
+        if not self.has_batch(batch):
+            self.received = _set_bit(self.received, batch)
+            self.received_count += 1
 
 
 class MigrationState(BaseModel):
@@ -165,11 +193,18 @@ class MigrationState(BaseModel):
         "crash in between re-publishes them (same event ids, so JetStream drops copies)",
     )
     outcome: str | None = None
+    holdout: HoldoutState | None = Field(
+        default=None, description="Set when the migration ended and its holdout is being judged (stage holdout)")
 
     @property
     def done(self) -> bool:
         """True once the migration completed or failed."""
         return self.stage in (Stage.COMPLETED, Stage.FAILED)
+
+    @property
+    def ending(self) -> bool:
+        """True while the decision is taken and only the holdout judgement is left (no more rounds)."""
+        return self.stage == Stage.HOLDOUT
 
     @property
     def parsed_spec(self) -> MigrationSpec:

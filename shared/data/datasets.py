@@ -1,4 +1,4 @@
-"""Coverage datasets: load from a file, S3 or the hub, map columns, split train/test.
+"""Coverage datasets: load from a file, S3 or the hub, map columns, split train / eval / holdout.
 
 Rows are checked one by one; a dataset with bad rows is refused with the row numbers and what is wrong.
 """
@@ -18,6 +18,9 @@ from llamaduo.contracts.spec import DatasetSpec
 from llamaduo.data.examples import Example, example_id
 from llamaduo.errors import DataError
 
+#: Values accepted in the split column ('eval' and 'test' name the same split).
+SPLIT_NAMES = ("train", "test", "eval", "holdout")
+
 
 class DatasetError(DataError):
     """A coverage dataset that cannot be used (names the source, and the bad rows)."""
@@ -29,6 +32,9 @@ class Splits(BaseModel):
     coverage: list[Example]
     """The part of the train split used for training (``train_size`` rows, or all)."""
     test: list[Example]
+    """The eval split: it gates every round and is the only split targeted synthesis looks at."""
+    holdout: list[Example] = []
+    """Judged once at the end with the chosen model, reported beside the gate score, never used for a decision."""
 
 
 def _read_rows(source: str, fetch_s3: Callable[[str], bytes] | None) -> list[dict[str, Any]]:
@@ -102,8 +108,36 @@ def _to_example(row: dict[str, Any], spec: DatasetSpec) -> Example:
     return Example(id=rid, instruction=instruction, response=response)
 
 
+def _holdout(spec: DatasetSpec, train: list[Example], coverage: list[Example]) -> list[Example]:
+    """The holdout drawn (seeded) from the train split, never from the coverage rows.
+
+    By default ``holdout_fraction`` of the train split, from the rows not used for coverage (``train_size``),
+    as many as there are: with coverage the whole train split, there is no default holdout. An explicit
+    ``holdout_size`` is exact: from the rows beyond coverage, or, when coverage is the whole train split, from
+    it (coverage then gives those rows up); too few rows is a :class:`DatasetError` naming the field.
+    """
+    covered = {e.id for e in coverage}
+    beyond = [e for e in train if e.id not in covered]
+    if spec.holdout_size is None:
+        pool, wanted = beyond, min(len(beyond), round(len(train) * spec.holdout_fraction))
+    else:
+        pool, wanted = (beyond if beyond else list(train)), spec.holdout_size
+        if wanted > (len(pool) if beyond else len(pool) - 1):
+            raise DatasetError(
+                f"dataset {spec.source}: dataset.holdout_size {wanted} needs more rows than the "
+                f"{len(pool)} train rows {'beyond coverage' if beyond else 'of the train split (keeping one)'}; "
+                "lower it (0 = no holdout) or dataset.train_size")
+    return random.Random(spec.seed + 2).sample(pool, wanted) if wanted > 0 else []
+
+
 def load_splits(spec: DatasetSpec, fetch_s3: Callable[[str], bytes] | None = None) -> Splits:
-    """Load, validate and split the coverage dataset. Deterministic for a given ``spec.seed``."""
+    """Load, validate and split the coverage dataset. Deterministic for a given ``spec.seed``.
+
+    Three splits: eval (``split`` 'eval' or 'test', or ``test_fraction`` of the rows without a split column;
+    capped by ``test_size``), holdout (rows labelled 'holdout'; else drawn from the train split, see
+    :func:`_holdout`) and train (the rest; ``coverage`` is ``train_size`` of it, the rest are seeds). An
+    instruction of eval or holdout is never in train.
+    """
     rows = _read_rows(spec.source, fetch_s3)
     if not rows:
         raise DatasetError(f"dataset.source {spec.source}: no rows")
@@ -114,9 +148,9 @@ def load_splits(spec: DatasetSpec, fetch_s3: Callable[[str], bytes] | None = Non
             if not isinstance(row, dict):
                 raise ValueError("not an object")
             split = row.get(spec.split_column) if spec.split_column else None
-            if split is not None and split not in ("train", "test"):
-                raise ValueError(f"{spec.split_column}={split!r} (use 'train' or 'test')")
-            examples.append((_to_example(row, spec), split))
+            if split is not None and split not in SPLIT_NAMES:
+                raise ValueError(f"{spec.split_column}={split!r} (use 'train', 'eval' or 'test', 'holdout')")
+            examples.append((_to_example(row, spec), "test" if split == "eval" else split))
         except (ValueError, KeyError, TypeError) as err:
             bad.append(f"row {n}: {err}")
     if bad:
@@ -126,8 +160,9 @@ def load_splits(spec: DatasetSpec, fetch_s3: Callable[[str], bytes] | None = Non
     if len(set(ids)) != len(ids):
         raise DatasetError(f"dataset {spec.source}: ids are not unique")
     rng = random.Random(spec.seed)
+    labelled_holdout = [e for e, s in examples if s == "holdout"]
     if any(split is not None for _, split in examples):
-        train = [e for e, s in examples if s != "test"]
+        train = [e for e, s in examples if s not in ("test", "holdout")]
         test = [e for e, s in examples if s == "test"]
     else:
         shuffled = [e for e, _ in examples]
@@ -137,10 +172,19 @@ def load_splits(spec: DatasetSpec, fetch_s3: Callable[[str], bytes] | None = Non
     if spec.test_size:
         test = test[: spec.test_size]
     if not train or not test:
-        raise DatasetError(f"dataset {spec.source}: train ({len(train)}) and test ({len(test)}) must both have rows")
+        raise DatasetError(f"dataset {spec.source}: train ({len(train)}) and eval ({len(test)}) must both have rows")
     test_texts = {e.instruction.strip().lower() for e in test}
     train = [e for e in train if e.instruction.strip().lower() not in test_texts]
     coverage = train
     if spec.train_size and spec.train_size < len(train):
         coverage = random.Random(spec.seed + 1).sample(train, spec.train_size)
-    return Splits(train=train, coverage=coverage, test=test)
+    if labelled_holdout:  # capped by holdout_size (0 = no holdout)
+        holdout = labelled_holdout[: spec.holdout_size] if spec.holdout_size is not None else labelled_holdout
+    else:
+        holdout = _holdout(spec, train, coverage)
+    held = {e.instruction.strip().lower() for e in holdout}  # never trained on, never a seed
+    train = [e for e in train if e.instruction.strip().lower() not in held]
+    coverage = [e for e in coverage if e.instruction.strip().lower() not in held]
+    if not coverage:
+        raise DatasetError(f"dataset {spec.source}: no train rows left for coverage beside the holdout")
+    return Splits(train=train, coverage=coverage, test=test, holdout=holdout)

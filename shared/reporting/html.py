@@ -171,13 +171,19 @@ def _model_section(manifest: dict[str, Any], migration_id: str) -> str:
     final = manifest.get("outcome") == "completed"
     title = "Final model" if final else "Best model so far"
     score = (summary_of(best).get("aggregates") or {}).get(gate)
+    s = summary_of(best)
+    holdout, note = (s.get("holdout_aggregates") or {}).get(gate), s.get("holdout_note") or ""
+    held = (f"<dt>Holdout {escape(label(gate))}</dt><dd>{num(holdout)} on {escape(s.get('holdout_judged'))}"
+            f"/{escape(s.get('holdout_to_judge'))} answers (judged once at the end, never used for a decision)"
+            f"{' — ' + escape(note) if note else ''}</dd>") if holdout is not None or note else ""
     sha = adapter.get("sha256")
     return (
         f"<h2>{title}</h2>"
         '<dl class="facts">'
         f"<dt>Round</dt><dd>{escape(best.get('round'))}</dd>"
         f"<dt>{escape(label(gate))}</dt><dd>{num(score)}</dd>"
-        f"<dt>Adapter key</dt><dd><code>{escape(adapter.get('key'))}</code></dd>"
+        + held
+        + f"<dt>Adapter key</dt><dd><code>{escape(adapter.get('key'))}</code></dd>"
         + (f"<dt>sha256</dt><dd><code>{escape(sha)}</code></dd>" if sha else "")
         + "</dl>"
         "<h3>How to serve it</h3>"

@@ -57,6 +57,7 @@ def spec_key(migration_id: str) -> str:
 
 
 def data_key(migration_id: str, split: str) -> str:
+    """S3 key of a stored split: ``train``, ``coverage``, ``test`` (the eval split) or ``holdout``."""
     return migration_key(migration_id, "data", f"{split}.jsonl")
 
 
@@ -70,19 +71,26 @@ def judging_closed_key(migration_id: str, round: int) -> str:
     return round_key(migration_id, round, JUDGING_CLOSED)
 
 
-def shard_key(migration_id: str, round: int, index: int) -> str:
+def _split_parts(split: str) -> tuple[str, ...]:
+    """Folder of a split's objects inside a round: the eval split at the round's top, others (the holdout,
+    judged once at the end) in their own folder, so nothing reading the eval split's objects sees them."""
+    return () if split == "eval" else (_check_part(split),)
+
+
+def shard_key(migration_id: str, round: int, index: int, split: str = "eval") -> str:
     """S3 key of a round's predictions shard ``index`` (the inference service stores them as it goes)."""
-    return round_key(migration_id, round, "predictions", f"shard-{index:05d}.jsonl")
+    return round_key(migration_id, round, *_split_parts(split), "predictions", f"shard-{index:05d}.jsonl")
 
 
-def predictions_key(migration_id: str, round: int) -> str:
+def predictions_key(migration_id: str, round: int, split: str = "eval") -> str:
     """S3 key of a round's predictions, its shards joined (what ``infer.done`` points at)."""
-    return round_key(migration_id, round, "predictions.jsonl")
+    return round_key(migration_id, round, *_split_parts(split), "predictions.jsonl")
 
 
-def batch_scores_key(migration_id: str, round: int, batch: int) -> str:
-    """S3 key of one judged batch's scores (one ``Score`` per line), written by the judge before ``eval.scored``."""
-    return round_key(migration_id, round, "scores", f"batch-{batch:05d}.jsonl")
+def batch_scores_key(migration_id: str, round: int, batch: int, split: str = "eval") -> str:
+    """S3 key of one judged batch's scores (one ``Score`` per line), written by the judge before ``eval.scored``;
+    holdout batches under ``round-N/holdout/scores/`` (outside :func:`batch_scores_prefix`)."""
+    return round_key(migration_id, round, *_split_parts(split), "scores", f"batch-{batch:05d}.jsonl")
 
 
 def batch_scores_prefix(migration_id: str, round: int) -> str:

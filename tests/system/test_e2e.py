@@ -77,8 +77,20 @@ FAKE_SECRETS = {"OPENAI_API_KEY": "sk-test-" + "Zq7" * 10, "GEMINI_API_KEY": "AI
                 "LLAMADUO_NATS_TOKEN_UNUSED": "tok-" + "x7" * 10}
 
 
+def with_holdout(data: Path, rows: int) -> Path:
+    """``data`` plus ``rows`` rows labelled 'holdout' (new tickets of the same task)."""
+    from llamaduo.tasks.triage import make_dataset
+
+    known = {json.loads(line)["instruction"] for line in data.read_text().splitlines() if line.strip()}
+    extra = [{**r, "split": "holdout"} for r in make_dataset(n_train=0, n_test=rows * 2, seed=99)
+             if r["instruction"] not in known][:rows]
+    out = data.with_name("with-holdout.jsonl")
+    out.write_text(data.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    return out
+
+
 def test_full_loop_by_hand_with_plain_nats_client(tmp_path: Path, triage_data: Path) -> None:
-    spec = triage_spec(triage_data)
+    spec = triage_spec(with_holdout(triage_data, 8))
     migration_id = "e2e-" + uuid.uuid4().hex[:6]
     with Embedded(tmp_path / "install", extra_env=FAKE_SECRETS) as env:
         started = time.monotonic()
@@ -122,8 +134,16 @@ def test_full_loop_by_hand_with_plain_nats_client(tmp_path: Path, triage_data: P
     for r in rounds:  # every test answer judged once per round, unless sequential early stopping decided
         assert r.failed_judgements == 0
         assert r.judged == 40 or (r.early_stopped and 10 <= r.judged < 40), r
+    # the holdout: answered by the chosen round's adapter once, at the end, judged in full, beside the gate score
+    holdout_requests = [e for e in events if e.type == Subject.INFER_REQUEST]
+    assert [(e.round, e.payload.split) for e in holdout_requests] == [(last.round, "holdout")]
+    assert types.index(Subject.INFER_REQUEST) > max(i for i, e in enumerate(events) if e.type == Subject.EVAL_SCORED
+                                                    and e.payload.split == "eval")
+    assert last.holdout_judged == last.holdout_to_judge == 8 and "similarity_mean" in last.holdout_aggregates
+    assert all(not r.holdout_aggregates for r in rounds[:-1]) and last.decision == "pass"
     print(f"e2e: {len(rounds)} rounds in {elapsed:.0f}s: "
-          + ", ".join(f"r{r.round} {r.aggregates['similarity_mean']:.1f}" for r in rounds))
+          + ", ".join(f"r{r.round} {r.aggregates['similarity_mean']:.1f}" for r in rounds)
+          + f"; holdout {last.holdout_aggregates['similarity_mean']:.1f}")
 
 
 def test_cli_migrate_embedded_live_view_programmatic_judge(tmp_path: Path, triage_data: Path) -> None:

@@ -156,3 +156,13 @@ def test_write_report_reads_manifest_and_uploads(store: Any, tmp_path: Path) -> 
     for name in (REPORT_FILE, SCORE_CHART, DATA_CHART):
         key = migration_key(MID, "report", name)
         assert store.get_bytes(key) == (page.parent / name).read_bytes()
+
+
+def test_html_shows_the_holdout_score_beside_the_gate_score(tmp_path: Path) -> None:
+    manifest = make_manifest()
+    summary = manifest["rounds"][2]["summary"]
+    summary.update(holdout_aggregates={"similarity_mean": 84.25, "judged": 20.0}, holdout_judged=20,
+                   holdout_to_judge=20)
+    text = render_report(manifest, tmp_path / "out").read_text(encoding="utf-8")
+    assert "Holdout" in text and "84.2" in text and "on 20/20 answers" in text and "never used for a decision" in text
+    assert "Holdout" not in render_report(make_manifest(), tmp_path / "plain").read_text(encoding="utf-8")

@@ -1,0 +1,98 @@
+"""Targeted synthesis reads the eval split only, never the holdout (asserted by ids); decontamination uses both."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fakes.providers import Scripted
+from faststream.nats import TestNatsBroker
+
+from llamaduo.bus.broker import Bus
+from llamaduo.contracts.events import Score, Subject, SynthRequest, parse_event, start_envelope
+from llamaduo.contracts.spec import SynthesisSpec, TaskSpec, parse_spec
+from llamaduo.data.examples import Example
+from llamaduo.services.synthesizer import domain
+from llamaduo.services.synthesizer.app import register as register_synth
+from llamaduo.services.synthesizer.seeds import SeedPool
+from llamaduo.storage.keys import batch_scores_key, batch_scores_prefix, data_key, spec_key
+from llamaduo.tasks.invoice import make_dataset, oracle
+
+TASK = TaskSpec(name="invoices", oracle="llamaduo.tasks.invoice:oracle")
+ROWS = make_dataset(n_train=40, n_test=20, seed=9)
+TRAIN = [Example(**{k: r[k] for k in ("id", "instruction", "response")}) for r in ROWS if r["split"] == "train"]
+TESTS = [Example(**{k: r[k] for k in ("id", "instruction", "response")}) for r in ROWS if r["split"] == "test"]
+EVAL, HOLDOUT = TESTS[:12], TESTS[12:]
+
+
+@pytest.fixture
+def targets_seen(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Ids of the items whose instructions the targeted seed pool was given (a spy on :class:`SeedPool`)."""
+    by_instruction = {e.instruction: e.id for e in TESTS}
+    seen: list[str] = []
+
+    class Spy(SeedPool):
+        def __init__(self, train, exclude, rng, targets=None):  # type: ignore[no-untyped-def]
+            seen.extend(by_instruction.get(t, f"unknown:{t[:20]}") for t in targets or [])
+            super().__init__(train, exclude, rng, targets)
+
+    monkeypatch.setattr(domain, "SeedPool", Spy)
+    return seen
+
+
+def test_failed_holdout_ids_are_never_targets_but_holdout_rows_are_decontaminated(targets_seen: list[str]) -> None:
+    rows = [{"instruction": e.instruction, "response": e.response} for e in HOLDOUT[:3]]  # holdout copies
+    rows += [{"instruction": t, "response": oracle.answer(t)} for t in oracle.propose([], 5, seed=3)]
+    provider = Scripted(lambda n: json.dumps({"examples": rows if n == 1 else []}), TASK)
+    spec = SynthesisSpec(strategy="targeted", examples_per_call=len(rows), samples_per_round=len(rows))
+    failed = [EVAL[0].id, EVAL[3].id, *(e.id for e in HOLDOUT)]  # holdout ids smuggled into the request
+    result = asyncio.run(domain.synthesize(TRAIN, EVAL, SynthRequest(samples=len(rows), failed_item_ids=failed),
+                                           spec, provider, round=1, seed=7, system_prompt="", holdout=HOLDOUT))
+    assert targets_seen == [EVAL[0].id, EVAL[3].id]
+    assert result.removed.get("contaminated", 0) + result.removed.get("contaminated_response", 0) >= 3
+    assert not {e.instruction for e in result.examples} & {e.instruction for e in HOLDOUT}
+    assert not set(result.seed_ids) & {e.id for e in TESTS}
+
+
+SPEC = parse_spec({
+    "task": {"name": "invoices", "oracle": "llamaduo.tasks.invoice:oracle"},
+    "dataset": {"source": "x.jsonl"},
+    "student": {"base_model": "tiny:llama", "method": "full"},
+    "synthesis": {"samples_per_round": 8, "examples_per_call": 4, "seeds_per_call": 2, "strategy": "targeted"},
+})
+
+
+async def test_adapter_targets_eval_failures_only_and_never_reads_holdout_scores(  # type: ignore[no-untyped-def]
+        settings, store, targets_seen, monkeypatch) -> None:
+    mid = "m-targets"
+    store.put_json(spec_key(mid), SPEC.model_dump(mode="json"))
+    store.put_jsonl(data_key(mid, "train"), TRAIN)
+    store.put_jsonl(data_key(mid, "test"), EVAL)
+    store.put_jsonl(data_key(mid, "holdout"), HOLDOUT)
+    store.put_jsonl(batch_scores_key(mid, 0, 0), [Score(item_id=EVAL[1].id, similarity=10, precision=10),
+                                                  Score(item_id=EVAL[2].id, similarity=90, precision=90)])
+    store.put_jsonl(batch_scores_key(mid, 0, 0, "holdout"), [Score(item_id=e.id, similarity=1, precision=1)
+                                                             for e in HOLDOUT])
+    assert not batch_scores_key(mid, 0, 0, "holdout").startswith(batch_scores_prefix(mid, 0))
+    read: list[str] = []
+    read_models = store.read_models
+
+    def spy(key, model):  # type: ignore[no-untyped-def]
+        read.append(key)
+        return read_models(key, model)
+
+    monkeypatch.setattr(store, "read_models", spy)
+    bus = Bus(settings, "synthesizer")
+    register_synth(bus, store)
+    req = start_envelope(mid, {}).follow(Subject.SYNTH_REQUEST, SynthRequest(samples=8, scores_round=0), round=1,
+                                         key="s")
+    async with TestNatsBroker(bus.broker) as br:
+        await br.publish(req.to_bytes(), settings.subject(Subject.SYNTH_REQUEST))
+        mock = bus.publisher(Subject.SYNTH_READY).mock
+        assert mock is not None
+        [ready] = [parse_event(call.args[0]) for call in mock.call_args_list]
+    assert targets_seen == [EVAL[1].id]  # the failed eval item; no holdout item, though all of them "failed"
+    assert data_key(mid, "holdout") in read  # read for decontamination only
+    assert not [k for k in read if "/holdout/" in k]  # holdout scores and predictions never read
+    assert ready.payload.kept > 0
