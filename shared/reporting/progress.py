@@ -21,7 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from llamaduo.contracts.events import Envelope, Score, Subject, Usage
+from llamaduo.contracts.events import Envelope, Score, Stage, Subject, Usage
 
 
 def describe(env: Envelope) -> str:
@@ -38,7 +38,8 @@ def describe(env: Envelope) -> str:
     if t == Subject.INFER_DONE:
         return f"answered {p.prompts} test prompts x{p.samples_per_prompt}"
     if t == Subject.EVAL_SCORED:
-        return f"judged batch {p.batch + 1}/{p.batches} ({p.provider}, {p.usage.tokens} tokens)"
+        which = "holdout batch" if p.split == "holdout" else "batch"
+        return f"judged {which} {p.batch + 1}/{p.batches} ({p.provider}, {p.usage.tokens} tokens)"
     if t == Subject.SYNTH_READY:
         return f"synthesized {p.generated}, kept {p.kept}, removed {p.removed} ({p.provider})"
     if t == Subject.MIGRATION_COMPLETED:
@@ -114,7 +115,7 @@ class MigrationView:
         p, t, rnd = env.payload, env.type, self._round(env.round)
         if t == Subject.MIGRATION_PROGRESS:
             self.stage, self.detail = str(p.stage), p.detail
-            if p.to_judge:
+            if p.to_judge and p.stage != Stage.HOLDOUT:  # the round's own answers, not the holdout's
                 rnd.to_judge = p.to_judge
             if p.stage == "judging" and rnd.judge_started is None:
                 rnd.judge_started = self.clock()
@@ -132,6 +133,8 @@ class MigrationView:
             rnd.to_judge = p.prompts * p.samples_per_prompt
             if rnd.judge_started is None:
                 rnd.judge_started = self.clock()
+        elif t == Subject.EVAL_SCORED and p.split == "holdout":  # judged at the end: not the round's score
+            self.usage = self.usage + p.usage
         elif t == Subject.EVAL_SCORED:
             if rnd.judge_started is None:
                 rnd.judge_started = self.clock()
