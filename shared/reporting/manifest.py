@@ -23,7 +23,8 @@ def manifest(state: MigrationState) -> dict[str, Any]:
         "stage": str(state.stage),
         "outcome": state.outcome,
         "spec": state.spec,
-        "data": state.data.model_dump(mode="json") if state.data else None,
+        "data": {name: ref for name, ref in state.data.model_dump(mode="json").items() if ref is not None}
+        if state.data else None,  # the stored splits (holdout only when the migration has one)
         "rounds": [
             {
                 "round": r.round,
