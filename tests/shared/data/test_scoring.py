@@ -1,4 +1,4 @@
-"""Reference-based scoring and the round aggregates."""
+"""Reference-based scoring."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import json
 
 import pytest
 
-from llamaduo.contracts.events import Score
 from llamaduo.data.scoring import score_answer, to_scale, values_match
 from llamaduo.data.text import parse_json_object
-from llamaduo.services.controller.gate import aggregate
 
 REF = json.dumps({"vendor": "Acme GmbH", "number": "A-1", "total": 12.5, "currency": "EUR"})
 
@@ -69,31 +67,3 @@ def test_text_scoring() -> None:
 def test_parse_json_object() -> None:
     assert parse_json_object('{"a": 1}') == {"a": 1}
     assert parse_json_object("[1]") is None and parse_json_object("nope") is None
-
-
-def test_aggregate() -> None:
-    scores = [
-        Score(item_id="a", similarity=100, precision=90),
-        Score(item_id="b", similarity=60, precision=50),
-        Score(item_id="c", similarity=20, precision=10),
-        Score(item_id="d", failed=True, reason="judge down"),
-    ]
-    agg = aggregate(scores)
-    assert agg["similarity_mean"] == pytest.approx(60)
-    assert agg["precision_mean"] == pytest.approx(50)
-    assert agg["coverage_50"] == pytest.approx(200 / 3)
-    assert agg["coverage_70"] == pytest.approx(100 / 3)
-    assert agg["judged"] == 3 and agg["failed"] == 1
-
-
-def test_aggregate_empty() -> None:
-    agg = aggregate([Score(item_id="x", failed=True)])
-    assert agg["judged"] == 0 and agg["failed"] == 1 and agg["similarity_mean"] == 0
-    assert set(aggregate([])) == {
-        "similarity_mean",
-        "precision_mean",
-        "coverage_50",
-        "coverage_70",
-        "judged",
-        "failed",
-    }
