@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -28,6 +29,7 @@ from llamaduo.tasks.triage import oracle
 
 pytestmark = pytest.mark.slow
 
+_CALLS = itertools.count()
 _SEEDS_RE = re.compile(r"correct response\):\n(.*?)\n\nWrite (\d+) NEW examples", re.DOTALL)
 
 
@@ -44,7 +46,9 @@ def teacher_and_judge(rec: Recorded) -> str:
         return json.dumps({"error": "unexpected prompt"})
     seeds = [Example(id=example_id(s["instruction"]), instruction=s["instruction"], response=s["response"])
              for s in json.loads(found.group(1))]
-    seed = int(hashlib.sha256(user.encode()).hexdigest()[:8], 16)
+    # a sampling LLM answers the same prompt differently each time; seeding by the prompt alone would repeat
+    # the same few tickets, which the synthesizer (rightly) removes as duplicates of earlier rounds
+    seed = int(hashlib.sha256(user.encode()).hexdigest()[:8], 16) + next(_CALLS)
     proposed = oracle.propose(seeds, int(found.group(2)), seed)
     return json.dumps({"examples": [{"instruction": t, "response": oracle.answer(t)} for t in proposed]})
 
