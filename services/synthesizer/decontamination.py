@@ -25,12 +25,12 @@ instruction or response (:class:`HeldOutIndex`):
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from llamaduo.data.examples import Example
+from llamaduo.data.scoring import as_number
 from llamaduo.data.text import extract_json, normalise_text, tokenize
 
 #: Below this many reference rows no n-gram is treated as the task's fixed text (a share means little).
@@ -160,26 +160,12 @@ class Decontaminator:
         return self.overlap(text, short_texts=short_texts) >= self.threshold
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-        return number if math.isfinite(number) else None
-    return None
-
-
 def _canonical(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _canonical(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_canonical(v) for v in value]
-    number = _number(value)
+    number = as_number(value)
     if number is not None:
         return round(number, 2) + 0.0
     if isinstance(value, str):

@@ -84,7 +84,24 @@ def _set_bit(bitmap: str, index: int) -> str:
     return f"{bitmap[:byte * 2]}{value:02x}{bitmap[byte * 2 + 2:]}"
 
 
-class RoundState(BaseModel):
+class BatchLedger(BaseModel):
+    """Which judge batches were applied: a bitmap (hex, bit b = batch b), so the size is one bit a batch."""
+
+    received: str = Field(default="", description="Bitmap (hex, bit b = batch b) of the eval.scored applied")
+    received_count: int = Field(default=0, description="Number of batches set in ``received``")
+
+    def has_batch(self, batch: int) -> bool:
+        """True when batch ``batch``'s eval.scored was applied."""
+        return _bit(self.received, batch)
+
+    def mark_batch(self, batch: int) -> None:
+        """Record batch ``batch`` as applied (once)."""
+        if not self.has_batch(batch):
+            self.received = _set_bit(self.received, batch)
+            self.received_count += 1
+
+
+class RoundState(BatchLedger):
     """One round: what it trained on, what it produced, how it was judged (statistics, not scores)."""
 
     round: int
@@ -96,8 +113,6 @@ class RoundState(BaseModel):
     train_loss: float | None = None
     predictions: ArtifactRef | None = None
     batches: int | None = None
-    received: str = Field(default="", description="Bitmap (hex, bit b = batch b) of the eval.scored applied")
-    received_count: int = Field(default=0, description="Number of batches set in ``received``")
     totals: GateStats = Field(default_factory=GateStats, description="Over every batch applied while open")
     prefix_batches: int = Field(default=0, description="Batches 0..prefix_batches-1 (published order) all in")
     prefix: GateStats = Field(default_factory=GateStats, description="Over the in-order prefix of batches")
@@ -120,16 +135,6 @@ class RoundState(BaseModel):
     late_count: int = Field(default=0, description="Batches scored after the round closed: usage counted")
     budget_exhausted: bool = False
 
-    def has_batch(self, batch: int) -> bool:
-        """True when batch ``batch``'s eval.scored was applied (before or after the round closed)."""
-        return _bit(self.received, batch)
-
-    def mark_batch(self, batch: int) -> None:
-        """Record batch ``batch`` as applied (once)."""
-        if not self.has_batch(batch):
-            self.received = _set_bit(self.received, batch)
-            self.received_count += 1
-
     @property
     def batches_outstanding(self) -> bool:
         """True while judge batches are unknown or not all scored."""
@@ -146,7 +151,7 @@ class DataRefs(BaseModel):
         default=None, description="The holdout split (judged once at the end); None: the migration has none")
 
 
-class HoldoutState(BaseModel):
+class HoldoutState(BatchLedger):
     """The end of a migration: the chosen round's adapter answers the holdout split, the judge scores all of it
     (no early stopping), then the final event (kept here as ``outcome``/``detail``) is published with the
     holdout aggregates beside the gate score. Bounded like a round: a bitmap and sums, no scores."""
@@ -156,20 +161,8 @@ class HoldoutState(BaseModel):
     detail: str = ""
     to_judge: int = Field(default=0, description="Holdout answers expected (prompts x K)")
     batches: int | None = None
-    received: str = Field(default="", description="Bitmap (hex) of the holdout eval.scored applied")
-    received_count: int = 0
     stats: GateStats = Field(default_factory=GateStats)
     usage: Usage = Field(default_factory=Usage)
-
-    def has_batch(self, batch: int) -> bool:
-        """True when holdout batch ``batch`` was applied."""
-        return _bit(self.received, batch)
-
-    def mark_batch(self, batch: int) -> None:
-        """Record holdout batch ``batch`` as applied (once)."""
-        if not self.has_batch(batch):
-            self.received = _set_bit(self.received, batch)
-            self.received_count += 1
 
 
 class MigrationState(BaseModel):

@@ -29,7 +29,8 @@ def to_scale(share: float) -> float:
     return 1.0 + 99.0 * min(1.0, max(0.0, share))
 
 
-def _as_number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
+    """A finite number from a JSON number or a numeric string; None for anything else (bools included)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
@@ -50,13 +51,13 @@ def values_match(reference: Any, candidate: Any) -> bool:
     if isinstance(reference, bool) or isinstance(candidate, bool):
         return reference is candidate
     if isinstance(reference, int | float):
-        number = _as_number(candidate)
+        number = as_number(candidate)
         return number is not None and abs(number - float(reference)) <= NUMBER_TOLERANCE + 1e-9
     if isinstance(reference, str):
         if isinstance(candidate, str):
             return normalise_text(reference) == normalise_text(candidate)
-        ref_number = _as_number(reference)
-        cand_number = _as_number(candidate)
+        ref_number = as_number(reference)
+        cand_number = as_number(candidate)
         return (
             ref_number is not None
             and cand_number is not None
