@@ -22,6 +22,12 @@ def cli(env: Embedded, *args: str, timeout: float = 60) -> subprocess.CompletedP
                           text=True, timeout=timeout)
 
 
+def interruptible() -> None:
+    """Run in the child before exec: Ctrl-C acts even when this suite runs as a background job (which starts its
+    children with SIGINT ignored, and a Python started so keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write_spec(tmp_path: Path) -> Path:
     data = tmp_path / "triage.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_dataset(n_train=8, n_test=4, seed=3)))
@@ -39,7 +45,8 @@ def test_status_and_events_show_a_running_migration(tmp_path: Path) -> None:
     # only the controller runs: the migration waits in the training stage, as with a busy trainer
     with Embedded(tmp_path / "install", services=("controller",)) as env:
         started = subprocess.Popen([sys.executable, "-m", "llamaduo.cli", "migrate", str(spec), "--id", "m-view"],
-                                   env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=interruptible)
         try:
             for _ in range(100):
                 status = cli(env, "status", "--json")
@@ -80,7 +87,7 @@ def test_ctrl_c_stops_embedded_installation_cleanly(tmp_path: Path, sig: int) ->
     data_dir = tmp_path / "install"
     proc = subprocess.Popen([sys.executable, "-m", "llamaduo.cli", "migrate", str(spec), "--embedded",
                              "--data-dir", str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     seen = ""
     while "training" not in seen and time.monotonic() < deadline:
