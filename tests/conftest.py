@@ -109,3 +109,27 @@ def store(settings: Settings):  # type: ignore[no-untyped-def]
     from llamaduo.storage.store import ArtifactStore
 
     return ArtifactStore(settings)
+
+
+#: A module that leaves a mark when imported: refusing it must not import it.
+MARKING = """
+import pathlib
+pathlib.Path({mark!r}).write_text("imported")
+
+def check(instruction, reference, candidate):
+    return 1.0
+"""
+
+
+@pytest.fixture
+def marking_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """``(name, mark)``: a module on the path, not allowed by the operator, that writes ``mark`` when imported."""
+    import sys
+
+    name = f"not_allowed_{tmp_path.name.replace('-', '_')}"
+    mark = tmp_path / "imported.txt"
+    (tmp_path / f"{name}.py").write_text(MARKING.format(mark=str(mark)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("LLAMADUO_ALLOWED_PLUGINS", raising=False)
+    yield name, mark
+    sys.modules.pop(name, None)

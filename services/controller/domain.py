@@ -35,7 +35,7 @@ from llamaduo.contracts.events import (
 )
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.contracts.state import PENDING_KEEP, DataRefs, GateStats, HoldoutState, MigrationState, RoundState
-from llamaduo.services.controller.early_stopping import GateInterval, Verdict, sequential_decision_stats
+from llamaduo.services.controller.early_stopping import GateInterval, Verdict, sequential_decision
 from llamaduo.services.controller.gate import aggregate_stats
 from llamaduo.storage.keys import batch_scores_prefix, migration_key
 
@@ -142,7 +142,7 @@ def on_eval_scored(state: MigrationState, event: Envelope[EvalScored], load: Bat
         prefix = rnd.prefix
         if (verdict is None and not complete and judge.early_stopping
                 and prefix.judged >= judge.min_judged_fraction * prefix.answers):
-            verdict, interval = sequential_decision_stats(
+            verdict, interval = sequential_decision(
                 prefix, judge.gate, judge.threshold, to_judge=to_judge, looks=p.batches,
                 confidence=judge.confidence, min_judged=judge.min_judged)
             if verdict is not None:

@@ -3,7 +3,7 @@
 Judged batches arrive one by one, in any order. A batch counts only once every batch before it in the
 *published* order (the seeded shuffle of the inference service) is in: the looks are taken on the in-order
 prefix, so batches that arrive early (cached answers, a fast worker) cannot bias the sample. After the prefix
-grows, the controller asks :func:`sequential_decision_stats` whether the
+grows, the controller asks :func:`sequential_decision` whether the
 gated aggregate *of the whole round* (the value judging every answer would give) already lies above or
 below the threshold with the requested confidence; if so, it closes the round and the other batches are
 never judged.
@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from llamaduo.contracts.events import Score
 from llamaduo.contracts.state import GateStats
 from llamaduo.services.controller.gate import gate_range, gate_total
 
@@ -117,26 +116,6 @@ def interval_from_sum(
 
 
 def sequential_decision(
-    scores: Sequence[Score],
-    gate: str,
-    threshold: float,
-    *,
-    to_judge: int,
-    looks: int,
-    confidence: float = 0.95,
-    min_judged: int = 10,
-) -> tuple[Verdict | None, GateInterval]:
-    """Early verdict on ``gate >= threshold`` from the scores judged so far.
-
-    ``to_judge`` is the number of answers in the round (an upper bound is fine); ``looks`` the most times
-    this is asked for the round (its number of batches). No verdict before ``min_judged`` answers were
-    judged successfully.
-    """
-    return sequential_decision_stats(GateStats.from_scores(list(scores)), gate, threshold, to_judge=to_judge,
-                                     looks=looks, confidence=confidence, min_judged=min_judged)
-
-
-def sequential_decision_stats(
     stats: GateStats,
     gate: str,
     threshold: float,
@@ -146,7 +125,12 @@ def sequential_decision_stats(
     confidence: float = 0.95,
     min_judged: int = 10,
 ) -> tuple[Verdict | None, GateInterval]:
-    """:func:`sequential_decision` from the statistics of the answers judged so far (constant time)."""
+    """Early verdict on ``gate >= threshold`` from the statistics of the answers judged so far (constant time).
+
+    ``to_judge`` is the number of answers in the round (an upper bound is fine); ``looks`` the most times
+    this is asked for the round (its number of batches). No verdict before ``min_judged`` answers were
+    judged successfully (failed judgements leave the population).
+    """
     lo, hi = gate_range(gate)
     interval = interval_from_sum(gate_total(stats, gate), stats.judged, to_judge - stats.failed, lo, hi,
                                  confidence=confidence, looks=looks)

@@ -6,8 +6,6 @@ The controller never keeps a round's scores: each judged batch is reduced to a :
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from llamaduo.contracts.events import Score
 from llamaduo.contracts.state import GateStats
 
@@ -62,17 +60,4 @@ def gate_total(stats: GateStats, gate: str) -> float:
     if gate in COVERAGES:
         field, cut = COVERAGES[gate]
         return 100.0 * getattr(stats, f"{field}_ge{cut}")
-    raise ValueError(f"unknown gate aggregate {gate!r}")
-
-
-def gate_values(scores: Sequence[Score], gate: str) -> list[float]:
-    """One value per judged answer whose mean is aggregate ``gate`` (as in :func:`aggregate`)."""
-    judged = [s for s in scores if not s.failed and s.similarity is not None and s.precision is not None]
-    if gate == "similarity_mean":
-        return [float(s.similarity) for s in judged]  # type: ignore[arg-type]
-    if gate == "precision_mean":
-        return [float(s.precision) for s in judged]  # type: ignore[arg-type]
-    if gate in COVERAGES:
-        field, cut = COVERAGES[gate]
-        return [100.0 if float(getattr(s, field)) >= cut else 0.0 for s in judged]
     raise ValueError(f"unknown gate aggregate {gate!r}")

@@ -11,7 +11,6 @@ import asyncio
 import json
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,14 +34,6 @@ from llamaduo.storage.keys import data_key, migration_key, round_key, spec_key
 from llamaduo.storage.store import ArtifactStore
 from llamaduo.tasks.triage import make_dataset
 
-MARKING = '''
-import pathlib
-pathlib.Path({mark!r}).write_text("imported")
-
-def check(instruction, reference, candidate):
-    return 1.0
-'''
-
 
 def mid() -> str:
     return "m" + uuid.uuid4().hex[:10]
@@ -54,18 +45,6 @@ def spec(checker: str = "exact", oracle: str = "llamaduo.tasks.triage:oracle") -
         "student": {"base_model": "tiny:llama", "method": "full", "inference": {"max_new_tokens": 4}},
         "judge": {"method": "programmatic", "checker": checker},
     })
-
-
-@pytest.fixture
-def marking_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """A module on the path that leaves a file when imported, and is not allowed."""
-    name = f"attacker_{tmp_path.name.replace('-', '_')}"
-    mark = tmp_path / "imported.txt"
-    (tmp_path / f"{name}.py").write_text(MARKING.format(mark=str(mark)))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv("LLAMADUO_ALLOWED_PLUGINS", raising=False)
-    yield name, mark
-    sys.modules.pop(name, None)
 
 
 async def test_judge_dead_letters_disallowed_checkers_without_importing_them_and_keeps_serving(

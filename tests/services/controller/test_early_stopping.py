@@ -26,7 +26,7 @@ from llamaduo.contracts.events import (
     start_envelope,
 )
 from llamaduo.contracts.spec import parse_spec
-from llamaduo.contracts.state import DataRefs, MigrationState
+from llamaduo.contracts.state import DataRefs, GateStats, MigrationState
 from llamaduo.providers.base import Completion, CompletionRequest, Provider
 from llamaduo.services.controller import domain
 from llamaduo.services.controller.early_stopping import (
@@ -34,7 +34,7 @@ from llamaduo.services.controller.early_stopping import (
     hoeffding_serfling_halfwidth,
     sequential_decision,
 )
-from llamaduo.services.controller.gate import gate_range, gate_values
+from llamaduo.services.controller.gate import gate_range, gate_total
 from llamaduo.storage.keys import judging_closed_key, spec_key
 
 SPEC = {
@@ -52,12 +52,17 @@ def scores_of(values, start=0):
     return [Score(item_id=f"i{start + j}", similarity=v, precision=v) for j, v in enumerate(values)]
 
 
+def decide(scores, gate, threshold, **kwargs):
+    """The sequential test on these scores (it reads their statistics, as the controller does)."""
+    return sequential_decision(GateStats.from_scores(scores), gate, threshold, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------ statistics
 
 
 def test_deterministic_bounds_decide_a_clearly_failing_round():
     # 10 of 40 answers judged, all 1: even if the other 30 score 100 the round mean is 75.25 < 90
-    verdict, iv = sequential_decision(scores_of([1] * 10), "similarity_mean", 90, to_judge=40, looks=4)
+    verdict, iv = decide(scores_of([1] * 10), "similarity_mean", 90, to_judge=40, looks=4)
     assert verdict == "below"
     assert iv.high <= (10 * 1 + 30 * 100) / 40 + 1e-9 and iv.low >= 1 and iv.n == 10 and iv.population == 40
 
@@ -84,28 +89,28 @@ def test_hoeffding_serfling_width():
 
 
 def test_min_judged_and_failed_judgements():
-    assert sequential_decision(scores_of([1] * 9), "similarity_mean", 90, to_judge=40, looks=4,
+    assert decide(scores_of([1] * 9), "similarity_mean", 90, to_judge=40, looks=4,
                                min_judged=10)[0] is None
     failed = [Score(item_id=f"f{i}", failed=True) for i in range(5)]
-    verdict, iv = sequential_decision(scores_of([1] * 10) + failed, "similarity_mean", 90, to_judge=40,
+    verdict, iv = decide(scores_of([1] * 10) + failed, "similarity_mean", 90, to_judge=40,
                                       looks=4, min_judged=10)
     assert verdict == "below" and iv.n == 10 and iv.population == 35  # failed answers leave the population
-    assert sequential_decision(failed, "similarity_mean", 90, to_judge=40, looks=4, min_judged=1)[0] is None
+    assert decide(failed, "similarity_mean", 90, to_judge=40, looks=4, min_judged=1)[0] is None
 
 
 def test_coverage_gates_use_shares():
     scores = scores_of([10, 55, 75, 95])
-    assert gate_values(scores, "coverage_50") == [0, 100, 100, 100]
-    assert gate_values(scores, "coverage_70") == [0, 0, 100, 100]
+    assert [gate_total(GateStats.from_scores([s]), "coverage_50") for s in scores] == [0, 100, 100, 100]
+    assert [gate_total(GateStats.from_scores([s]), "coverage_70") for s in scores] == [0, 0, 100, 100]
     assert gate_range("coverage_70") == (0, 100) and gate_range("similarity_mean") == (1, 100)
-    verdict, _ = sequential_decision(scores_of([100] * 190), "coverage_50", 60, to_judge=200, looks=20)
+    verdict, _ = decide(scores_of([100] * 190), "coverage_50", 60, to_judge=200, looks=20)
     assert verdict == "above"
 
 
 def test_a_clear_pass_is_decided_before_the_end():
     verdicts = []
     for n in range(10, 201, 10):
-        verdicts.append(sequential_decision(scores_of([100] * n), "similarity_mean", 90, to_judge=200,
+        verdicts.append(decide(scores_of([100] * n), "similarity_mean", 90, to_judge=200,
                                             looks=20)[0])
     first = verdicts.index("above")
     assert 0 < first < len(verdicts) - 1 and all(v == "above" for v in verdicts[first:])
@@ -126,7 +131,7 @@ def test_peeking_after_every_batch_rarely_decides_wrongly():
         true_mean = sum(pop) / n_pop
         rng.shuffle(pop)
         for k in range(1, n_pop // batch + 1):
-            verdict, _ = sequential_decision(scores_of(pop[: k * batch]), "similarity_mean", threshold,
+            verdict, _ = decide(scores_of(pop[: k * batch]), "similarity_mean", threshold,
                                              to_judge=n_pop, looks=n_pop // batch, confidence=confidence,
                                              min_judged=batch)
             if verdict is not None:

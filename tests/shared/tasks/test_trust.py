@@ -4,7 +4,6 @@ allowlist; anything else is refused, naming the field, before it is imported."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,26 +23,6 @@ from llamaduo.tasks.plugins import (
     spec_code_problems,
     trusted_ref,
 )
-
-#: A module that leaves a mark when imported: refusing it must not import it.
-MARKING = '''
-import pathlib
-pathlib.Path({mark!r}).write_text("imported")
-
-def check(instruction, reference, candidate):
-    return 1.0
-'''
-
-
-@pytest.fixture
-def marking_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    name = f"not_allowed_{tmp_path.name.replace('-', '_')}"
-    mark = tmp_path / "imported.txt"
-    (tmp_path / f"{name}.py").write_text(MARKING.format(mark=str(mark)))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv("LLAMADUO_ALLOWED_PLUGINS", raising=False)
-    yield name, mark
-    sys.modules.pop(name, None)
 
 
 def spec(oracle: str = "llamaduo.tasks.triage:oracle", checker: str = "exact") -> MigrationSpec:
