@@ -3,6 +3,9 @@
 Every model forbids unknown fields, so a typo is refused with the field's path instead of being ignored.
 """
 
+# size: the whole spec schema, every field with its description, reads best as one file
+
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +41,11 @@ class DatasetSpec(_Strict):
     source: str = Field(
         description="Local path (.jsonl/.json/.parquet/.csv), s3://bucket/key, 'package:' resource, or hf:org/name"
     )
-    instruction_column: str = "instruction"
-    response_column: str = "response"
+    instruction_column: str = Field(
+        default="instruction", description="Column holding the prompt text the student gets (one user turn)")
+    response_column: str = Field(
+        default="response", description="Column holding the correct answer: the training target and the judge's "
+        "reference")
     messages_column: str | None = Field(default=None, description="Use a chat 'messages' column instead")
     split_column: str | None = Field(
         default="split", description="Column holding 'train', 'eval' (or 'test': the same) and 'holdout', if any")
@@ -55,21 +61,31 @@ class DatasetSpec(_Strict):
     train_size: int | None = Field(
         default=None, ge=1, description="Coverage rows used for training (rest of train split stays seeds)"
     )
-    seed: int = 0
+    seed: int = Field(
+        default=0, description="Random seed of the splits and samples: the same seed and data give the same splits")
 
 
 class LoraSpec(_Strict):
     r: int | None = Field(default=None, ge=1, description="None: paper schedule by data size (8/16/32)")
     alpha: int | None = Field(default=None, ge=1, description="None: 2 x r")
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout probability (0..1) during training")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear",
+        description="Layers that get adapters: 'all-linear' (every linear layer but the output head) or a list of "
+        "module names such as [q_proj, v_proj] (fewer: a smaller adapter, usually a little less accurate)")
 
 
 class TrainingSpec(_Strict):
-    epochs: float = Field(default=2, gt=0)
-    learning_rate: float = Field(default=2e-4, gt=0)
-    batch_size: int = Field(default=4, ge=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    epochs: float = Field(
+        default=2, gt=0, description="Passes over the round's training rows (fractions allowed); training time "
+        "grows in proportion")
+    learning_rate: float = Field(
+        default=2e-4, gt=0, description="Peak learning rate (2e-4 suits LoRA; use ~1e-5 for method 'full')")
+    batch_size: int = Field(
+        default=4, ge=1, description="Training rows per step on the device; lower it when memory runs out")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, description="Steps whose gradients are summed before one update: the effective batch is "
+        "batch_size x this, at the memory of batch_size")
     max_length: int = Field(
         default=1024, ge=16,
         description="Longest training row, in tokens of the whole conversation (system prompt, instruction and "
@@ -78,17 +94,28 @@ class TrainingSpec(_Strict):
         "counted: train.done's rows_too_long. When no row fits, the migration fails at once (no retries) with a "
         "reason naming this field and the shortest row's length",
     )
-    packing: bool = False
-    warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
-    lr_scheduler: str = "cosine"
-    seed: int = 0
+    packing: bool = Field(
+        default=False, description="Pack several short rows into one sequence of max_length (faster on many short "
+        "rows)")
+    warmup_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="Share of the training steps during which the learning rate rises "
+        "from 0 to learning_rate")
+    lr_scheduler: str = Field(
+        default="cosine", description="Learning-rate schedule after warmup, a transformers scheduler name "
+        "(cosine, linear, constant, ...)")
+    seed: int = Field(default=0, description="Random seed of training (row order, adapter initialisation)")
 
 
 class InferenceSpec(_Strict):
     samples_per_prompt: int = Field(default=1, ge=1, description="K answers per test prompt")
-    temperature: float = Field(default=0.0, ge=0)
-    max_new_tokens: int = Field(default=256, ge=1)
-    batch_size: int = Field(default=16, ge=1)
+    temperature: float = Field(
+        default=0.0, ge=0, description="Sampling temperature of the student's answers; 0 = greedy (needs "
+        "samples_per_prompt 1)")
+    max_new_tokens: int = Field(
+        default=256, ge=1, description="Longest answer, in tokens; an answer cut here is judged as it is, so set "
+        "it above your longest reference answer")
+    batch_size: int = Field(default=16, ge=1, description="Prompts answered together; lower it when memory runs "
+                            "out")
     backend: Literal["transformers", "vllm", "auto"] = Field(
         default="auto",
         description="Generation engine: 'auto' = vLLM when it is installed and a CUDA GPU is present, else "
@@ -100,11 +127,16 @@ class StudentSpec(_Strict):
     base_model: str = Field(
         description="Hugging Face id, local folder, 'smollm2-135m' (offline package) or 'tiny:<preset>'"
     )
-    method: Literal["lora", "full"] = "lora"
-    quantization: Literal["4bit", "8bit", "none"] = "none"
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    method: Literal["lora", "full"] = Field(
+        default="lora", description="'lora': train a small adapter on the frozen base model (little memory, the "
+        "default); 'full': train every weight (about 4x the memory of the weights, a whole model per round)")
+    quantization: Literal["4bit", "8bit", "none"] = Field(
+        default="none", description="Load the frozen base model in 4 or 8 bits for training (QLoRA: about a "
+        "quarter / half the memory of bf16; needs method 'lora' and bitsandbytes, made for CUDA GPUs)")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (method 'lora')")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Fine-tuning settings of every round")
+    inference: InferenceSpec = Field(
+        default_factory=InferenceSpec, description="How the student answers the eval and holdout prompts")
     export_merged: bool = Field(
         default=False,
         description="LoRA only: also save each round's adapter merged into its base model, as a standalone "
@@ -121,22 +153,35 @@ class StudentSpec(_Strict):
 
 
 class RateLimits(_Strict):
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
-    max_concurrency: int = Field(default=8, ge=1)
+    requests_per_minute: float | None = Field(
+        default=None, gt=0, description="Most calls per minute to this provider (your account's limit); null = "
+        "no limit")
+    tokens_per_minute: float | None = Field(
+        default=None, gt=0, description="Most tokens (prompt + reply) per minute to this provider; null = no limit")
+    max_concurrency: int = Field(default=8, ge=1, description="Most calls open at once per service process")
 
 
 class ProviderSpec(_Strict):
-    provider: Literal["simulated", "openai", "openai-compatible", "gemini", "local"] = "simulated"
+    provider: Literal["simulated", "openai", "openai-compatible", "gemini", "local"] = Field(
+        default="simulated", description="Who answers: 'openai', 'gemini', 'openai-compatible' (any server "
+        "speaking the OpenAI API, at base_url), 'local' (a transformers model on this machine) or 'simulated' "
+        "(the task's oracle, offline; for demos and tests)")
     model: str = "oracle"
-    base_url: str | None = None
+    base_url: str | None = Field(
+        default=None, description="API address, e.g. http://localhost:11434/v1; required by 'openai-compatible'")
     api_key_env: str | None = Field(default=None, description="Name of the environment variable with the key")
-    temperature: float = Field(default=0.0, ge=0)
-    timeout_seconds: float = Field(default=60, gt=0)
-    max_retries: int = Field(default=4, ge=0)
-    limits: RateLimits = Field(default_factory=RateLimits)
-    price_input_per_mtok: float | None = Field(default=None, ge=0)
-    price_output_per_mtok: float | None = Field(default=None, ge=0)
+    temperature: float = Field(
+        default=0.0, ge=0, description="Sampling temperature of this provider's replies (0 = most deterministic)")
+    timeout_seconds: float = Field(default=60, gt=0, description="Seconds one call may take before it is retried")
+    max_retries: int = Field(
+        default=4, ge=0, description="Retries of a call that failed with a timeout, 429 or 5xx (with backoff, "
+        "honouring Retry-After)")
+    limits: RateLimits = Field(
+        default_factory=RateLimits, description="Rate limits of this provider, shared by every service replica")
+    price_input_per_mtok: float | None = Field(
+        default=None, ge=0, description="USD per million prompt tokens, for cost accounting and budget.max_cost")
+    price_output_per_mtok: float | None = Field(
+        default=None, ge=0, description="USD per million reply tokens, for cost accounting and budget.max_cost")
     batch_api: bool = Field(
         default=False,
         description="Send calls through the OpenAI Batch API (half price, answers within the batch's "
@@ -197,7 +242,10 @@ class JudgeSpec(_Strict):
     judgements_per_answer: int = Field(default=1, ge=1, description="M judgements per answer")
     batch_size: int = Field(default=8, ge=1, description="Answers per judge.request message")
     max_attempts: int = Field(default=3, ge=1, description="Re-asks for an answer that fails validation")
-    gate: AggregateName = "similarity_mean"
+    gate: AggregateName = Field(
+        default="similarity_mean", description="Aggregate compared with the threshold: a mean of the 1..100 "
+        "scores (similarity_mean, precision_mean) or a coverage, the percent of answers scoring at least 50 / 70 "
+        "(coverage_50, coverage_70 on similarity; precision_coverage_50, precision_coverage_70); see docs/gate.md")
     threshold: float = Field(default=90, ge=0, le=100, description="Gate value (coverage: percent of answers)")
     early_stopping: bool = Field(
         default=True,
@@ -231,10 +279,14 @@ class JudgeSpec(_Strict):
 
 
 class SynthesisSpec(_Strict):
-    samples_per_round: int = Field(default=64, ge=1)
-    seeds_per_call: int = Field(default=4, ge=1)
-    examples_per_call: int = Field(default=4, ge=1)
-    strategy: Literal["uniform", "targeted"] = "uniform"
+    samples_per_round: int = Field(
+        default=64, ge=1, description="New synthetic examples wanted per round (kept after deduplication and "
+        "decontamination)")
+    seeds_per_call: int = Field(default=4, ge=1, description="Train-split examples shown to the teacher per call")
+    examples_per_call: int = Field(default=4, ge=1, description="New examples asked of the teacher per call")
+    strategy: Literal["uniform", "targeted"] = Field(
+        default="uniform", description="Seed choice: 'uniform' (random train rows) or 'targeted' (train rows "
+        "most like the eval items the last round failed; the eval items themselves are never sent)")
     near_duplicate_threshold: float = Field(
         default=0.9, gt=0, le=1, description="MinHash Jaccard above which two examples are near-duplicates"
     )
@@ -295,7 +347,7 @@ class BudgetSpec(_Strict):
 class ServeSpec(_Strict):
     """Serve the migration's chosen model once it completes (by the inference service, like ``llamaduo serve``)."""
 
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="Serve the chosen model when the migration completes")
     host: str = Field(default="127.0.0.1", description="Interface the OpenAI-compatible server listens on")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port; 0 picks a free one (logged)")
     model_name: str | None = Field(
@@ -306,14 +358,15 @@ class ServeSpec(_Strict):
 class MigrationSpec(_Strict):
     """A whole migration. See ``docs/spec.md`` for every field."""
 
-    task: TaskSpec
-    dataset: DatasetSpec
-    student: StudentSpec
+    task: TaskSpec = Field(description="What the task is: its name, system prompt and (simulated) oracle")
+    dataset: DatasetSpec = Field(description="The coverage dataset and how it is split (see docs/data.md)")
+    student: StudentSpec = Field(description="The small local model to fine-tune (see docs/hardware.md)")
     teacher: ProviderSpec = Field(default_factory=ProviderSpec, description="Service LLM for synthesis")
     judge_provider: ProviderSpec | None = Field(default=None, description="Service LLM judging; default: teacher")
-    judge: JudgeSpec = Field(default_factory=JudgeSpec)
-    synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
-    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    judge: JudgeSpec = Field(default_factory=JudgeSpec, description="How answers are scored and the gate")
+    synthesis: SynthesisSpec = Field(
+        default_factory=SynthesisSpec, description="How the teacher makes new training data between rounds")
+    budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Limits of rounds, service tokens and cost")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serve the chosen model after completion")
 
     @property
