@@ -15,7 +15,7 @@ import json
 import logging
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from llamaduo.contracts.events import (
     Envelope,
     EvalScoredEvent,
     InferDoneEvent,
+    MigrationCancelEvent,
     MigrationFailed,
     MigrationStartEvent,
     Score,
@@ -147,16 +148,21 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         await flush(state, rev)
 
     async def transition(event: Envelope, apply: Callable[[MigrationState], list[Envelope]],
-                         threaded: bool = False) -> None:
+                         threaded: bool = False,
+                         before_commit: Callable[[MigrationState], Awaitable[None]] | None = None) -> bool:
+        """Apply ``event`` to its migration's state and commit the outputs; False when there is no such
+        migration. ``before_commit`` runs after ``apply``, before anything is saved or published."""
         async with locks[event.migration_id]:
             state, rev = await states.load(event.migration_id)
             if state is None or rev is None:
-                return
+                return False
             rev = await flush(state, rev)
             if event.event_id in state.applied:
-                return
+                return True
             closed_before = {r.round for r in state.rounds if r.judging_closed}
             outputs = await asyncio.to_thread(apply, state) if threaded else apply(state)
+            if before_commit is not None:
+                await before_commit(state)
             state.mark_applied(event.event_id)
             for rnd in state.rounds:  # judging closed with batches left: judge workers skip them
                 if rnd.judging_closed and rnd.round not in closed_before:
@@ -164,6 +170,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                                             {"round": rnd.round, "decision": rnd.summary.decision
                                              if rnd.summary else None, "cause": event.event_id})
             await commit(state, rev, outputs)
+            return True
 
     @bus.consumer(Subject.MIGRATION_START, CONTROLLER_START, CONTROL)
     async def on_start(event: MigrationStartEvent) -> None:
@@ -216,6 +223,23 @@ def register(bus: Bus, store: ArtifactStore) -> None:
     @bus.consumer(Subject.SYNTH_READY, "controller-synth-ready", CONTROL)
     async def on_synth_ready(event: SynthReadyEvent) -> None:
         await transition(event, lambda s: domain.on_synth_ready(s, event))
+
+    @bus.consumer(Subject.MIGRATION_CANCEL, "controller-cancel", CONTROL)
+    async def on_cancel(event: MigrationCancelEvent) -> None:
+        """End the migration as cancelled, keeping its best round. Its id goes to the cancelled-migrations
+        bucket before the terminal event is out, so every service has stopped its work by then."""
+
+        async def mark_cancelled(state: MigrationState) -> None:
+            if state.stage == domain.Stage.CANCELLED:
+                await bus.cancelled.mark(state.migration_id, {
+                    "event_id": event.event_id, "reason": event.payload.reason,
+                    "requested_by": event.payload.requested_by, "at": event.occurred_at.isoformat()})
+
+        if await transition(event, lambda s: domain.cancel(s, event), before_commit=mark_cancelled):
+            log.info("migration cancel applied", extra={"migration_id": event.migration_id,
+                                                        "requested_by": event.payload.requested_by})
+        else:
+            log.warning("cancel of an unknown migration ignored", extra={"migration_id": event.migration_id})
 
     @bus.consumer("dlq.>", "controller-dlq", CONTROL, title="dlq:controller")
     async def on_dead_letter(letter: DeadLetter) -> None:

@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llamaduo.contracts.events import (
+    CANCELLED_REASON,
     ArtifactRef,
     Envelope,
     EvalScored,
     InferDone,
     InferRequest,
+    MigrationCancel,
     MigrationCompleted,
     MigrationFailed,
     MigrationProgress,
@@ -289,7 +291,21 @@ def fail(state: MigrationState, cause: Envelope, reason: str, detail: str) -> Ou
 
 
 #: Failure reasons after which the holdout is not judged: the judge cannot (or may not) be asked again.
-NO_HOLDOUT_AFTER = {"budget": "the service budget is spent", "judge_unavailable": "the judge is unavailable"}
+NO_HOLDOUT_AFTER = {"budget": "the service budget is spent", "judge_unavailable": "the judge is unavailable",
+                    CANCELLED_REASON: "the migration was cancelled"}
+
+
+def cancel(state: MigrationState, event: Envelope[MigrationCancel]) -> Outputs:
+    """``migration.cancel``: end now as ``cancelled`` (stage cancelled, ``migration.failed`` reason
+    ``cancelled``), keeping the best round so far as the model; the open round's outstanding judge batches
+    are skipped, no holdout is judged. A finished (or already cancelled) migration is left as it is."""
+    if state.done:
+        return []
+    who = f" by {event.payload.requested_by}" if event.payload.requested_by else ""
+    detail = f"cancelled{who}" + (f": {event.payload.reason}" if event.payload.reason else "")
+    if state.ending and state.holdout is not None:  # the holdout was being judged: stop that too
+        state.holdout.outcome, state.holdout.detail = CANCELLED_REASON, detail
+    return fail(state, event, CANCELLED_REASON, detail)
 
 
 def _end(state: MigrationState, cause: Envelope, chosen: RoundState | None, outcome: str,
@@ -348,7 +364,8 @@ def _holdout_end(state: MigrationState, cause: Envelope, note: str = "") -> Outp
 
 def _final(state: MigrationState, cause: Envelope, chosen: RoundState | None, outcome: str,
            detail: str) -> Outputs:
-    """``migration.completed`` (``outcome`` 'completed') or ``migration.failed`` with ``chosen`` as the model."""
+    """``migration.completed`` (``outcome`` 'completed') or ``migration.failed`` with ``chosen`` as the model
+    (stage cancelled for the reason ``cancelled``)."""
     summaries = [r.summary for r in state.rounds if r.summary]
     if outcome == "completed" and chosen is not None:
         state.stage, state.outcome = Stage.COMPLETED, "completed"
@@ -356,7 +373,7 @@ def _final(state: MigrationState, cause: Envelope, chosen: RoundState | None, ou
             model=chosen.adapter or ArtifactRef(key=""), best_round=chosen.round, rounds=summaries,
             usage=state.usage, report=ArtifactRef(key=migration_key(state.migration_id, "report", "report.html")),
         ), key="completed")]
-    state.stage, state.outcome = Stage.FAILED, outcome
+    state.stage, state.outcome = Stage.CANCELLED if outcome == CANCELLED_REASON else Stage.FAILED, outcome
     return [cause.follow(Subject.MIGRATION_FAILED, MigrationFailed(
         reason=outcome, detail=detail, best_model=chosen.adapter if chosen else None,
         best_round=chosen.round if chosen else None, rounds=summaries, usage=state.usage,

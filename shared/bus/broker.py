@@ -6,6 +6,9 @@
   with ``in_progress`` heartbeats. A failing handler is redelivered with backoff up to ``max_deliver``
   times; a message that fails validation, or exhausts its deliveries, goes to ``dlq.<subject>`` with the
   reason and is terminated so the consumer keeps going.
+- A message of a cancelled migration (see :mod:`llamaduo.bus.cancellation`) is acked and skipped before its
+  handler runs; work that stops because its migration was cancelled is acked too, and no non-terminal event
+  of a cancelled migration is published.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from faststream import AckPolicy, BaseMiddleware
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from pydantic import ValidationError
 
+from llamaduo.bus.cancellation import CancelledMigrations, MigrationCancelled, migration_of
 from llamaduo.bus.connection import broker_kwargs
-from llamaduo.bus.topology import durable_name, stream_fields
+from llamaduo.bus.topology import cancelled_bucket, durable_name, stream_fields
 from llamaduo.contracts.events import (
     PAYLOADS,
+    TERMINAL_SUBJECTS,
     DeadLetter,
     Envelope,
     Subject,
@@ -92,6 +97,9 @@ class Bus:
         self._policies: dict[str, Delivery] = {}
         #: set when the service is asked to stop; long handlers check it and raise :class:`WorkReturned`
         self.stopping = threading.Event()
+        #: migrations cancelled so far (watched from the KV bucket; see :mod:`llamaduo.bus.cancellation`)
+        self.cancelled = CancelledMigrations(
+            lambda: self.broker.key_value(cancelled_bucket(settings), history=1), service)
         for name in PAYLOADS:
             self.publisher(name)
 
@@ -109,7 +117,13 @@ class Bus:
         return self._publishers[name]
 
     async def emit(self, env: Envelope) -> None:
-        """Publish an envelope to JetStream, deduplicated by its event id."""
+        """Publish an envelope to JetStream, deduplicated by its event id. A non-terminal event of a cancelled
+        migration is dropped (logged): nothing of it follows its terminal event."""
+        if env.migration_id in self.cancelled and env.type not in TERMINAL_SUBJECTS:
+            log.info("not emitted: migration cancelled", extra={
+                "service": self.service, "subject": str(env.type), "migration_id": env.migration_id,
+                "round": env.round})
+            return
         await self.publisher(env.type).publish(
             env.to_bytes(), headers={"Nats-Msg-Id": env.event_id, "content-type": "application/json"}
         )
@@ -169,9 +183,23 @@ class Bus:
                 subject = getattr(msg.raw_message, "subject", "") or ""
                 policy = bus._policies.get(subject, Delivery())
                 attempt = _deliveries(msg)
+                await bus.cancelled.start()
+                # the command that ends a cancelled migration must reach the controller even after a crash
+                # between marking it cancelled and publishing its terminal event
+                if bus.cancelled.covers(msg.body) and bus.settings.unprefixed(subject) != Subject.MIGRATION_CANCEL:
+                    log.info("skipped: migration cancelled", extra={
+                        "service": bus.service, "subject": subject, "migration_id": migration_of(msg.body)})
+                    await msg.ack()
+                    return None
                 heartbeat = asyncio.create_task(_keep_alive(msg, policy.ack_wait))
                 try:
-                    result = await call_next(msg)
+                    result = await _cancellable(call_next, msg, bus.cancelled)
+                except MigrationCancelled as err:
+                    log.info("work stopped: migration cancelled", extra={
+                        "service": bus.service, "subject": subject, "migration_id": migration_of(msg.body),
+                        "why": str(err)[:300]})
+                    await msg.ack()
+                    return None
                 except ValidationError as err:
                     await bus.dead_letter(subject, msg.body, f"schema: {_short(err)}", attempt)
                     await msg.reject()
@@ -201,6 +229,19 @@ class Bus:
                 return result
 
         return ReliableConsume
+
+
+async def _cancellable(call_next: Any, msg: Any, cancelled: CancelledMigrations) -> Any:
+    """Run the handler; any failure of a migration cancelled meanwhile becomes :class:`MigrationCancelled`
+    (its work is thrown away: no retry, no dead letter)."""
+    try:
+        return await call_next(msg)
+    except (MigrationCancelled, ValidationError):
+        raise
+    except Exception as err:
+        if cancelled.covers(msg.body):
+            raise MigrationCancelled(f"{type(err).__name__}: {err}") from err
+        raise
 
 
 async def _keep_alive(msg: Any, ack_wait: float) -> None:

@@ -16,7 +16,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, N
 
 from llamaduo.bus.connection import connect
 from llamaduo.bus.topology import CONTROLLER_START, durable_name, stream_config
-from llamaduo.contracts.events import Envelope, Subject, parse_event, start_envelope
+from llamaduo.contracts.events import TERMINAL_SUBJECTS, Envelope, cancel_envelope, parse_event, start_envelope
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.contracts.state import MigrationState
 from llamaduo.errors import BusError
@@ -24,7 +24,7 @@ from llamaduo.settings import Settings
 from llamaduo.storage.keys import migration_key
 from llamaduo.storage.store import ArtifactStore
 
-TERMINAL = (Subject.MIGRATION_COMPLETED, Subject.MIGRATION_FAILED)
+TERMINAL = TERMINAL_SUBJECTS
 
 
 def upload_dataset(store: ArtifactStore, migration_id: str, spec: MigrationSpec) -> MigrationSpec:
@@ -71,17 +71,16 @@ async def wait_ready(settings: Settings, timeout: float = 120.0) -> None:
         await nc.close()
 
 
-async def publish_start(settings: Settings, migration_id: str, spec: MigrationSpec) -> Envelope:
-    """Publish ``migration.start``; retried briefly while the stream is being (re)declared."""
+async def _publish(settings: Settings, env: Envelope) -> Envelope:
+    """Publish one envelope (the installation's prefix added, its event id as ``Nats-Msg-Id``); retried
+    briefly while the stream is being (re)declared."""
     nc = await connect(settings)
     try:
         js = nc.jetstream()
         await ensure_stream(js, settings)
-        env = start_envelope(migration_id, spec.model_dump(mode="json"))
         for attempt in range(20):
             try:
-                await js.publish(settings.subject(Subject.MIGRATION_START), env.to_bytes(),
-                                 headers={"Nats-Msg-Id": env.event_id})
+                await js.publish(settings.subject(env.type), env.to_bytes(), headers={"Nats-Msg-Id": env.event_id})
                 return env
             except NoStreamResponseError:
                 if attempt == 19:
@@ -90,6 +89,18 @@ async def publish_start(settings: Settings, migration_id: str, spec: MigrationSp
         return env
     finally:
         await nc.close()
+
+
+async def publish_start(settings: Settings, migration_id: str, spec: MigrationSpec) -> Envelope:
+    """Publish ``migration.start``; retried briefly while the stream is being (re)declared."""
+    return await _publish(settings, start_envelope(migration_id, spec.model_dump(mode="json")))
+
+
+async def publish_cancel(settings: Settings, state: MigrationState, reason: str = "",
+                         requested_by: str = "") -> Envelope:
+    """Publish ``migration.cancel`` for the migration whose controller state is ``state`` (its correlation id
+    goes on the command). The controller ends it as ``cancelled``; publishing it twice is harmless."""
+    return await _publish(settings, cancel_envelope(state.migration_id, state.correlation_id, reason, requested_by))
 
 
 async def follow(settings: Settings, migration_id: str | None = None, *, live: bool = True) -> AsyncIterator[Envelope]:

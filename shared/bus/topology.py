@@ -21,6 +21,12 @@ DUPLICATE_WINDOW = 24 * 3600
 CONTROLLER_START = "controller-start"
 
 
+def cancelled_bucket(settings: Settings) -> str:
+    """The KV bucket of cancelled migrations (key: migration id, value: the cancel's JSON); the controller
+    writes it, every service watches it (:mod:`llamaduo.bus.cancellation`)."""
+    return f"{settings.stream_name}_CANCELLED"
+
+
 def stream_subjects(settings: Settings) -> list[str]:
     """Every subject family of the installation, dead letters included, under its prefix."""
     return [settings.subject(f"{fam}.>") for fam in (*SUBJECT_FAMILIES, DEAD_LETTER_FAMILY)]
@@ -41,6 +47,12 @@ def stream_fields(settings: Settings) -> dict[str, Any]:
 def stream_config(settings: Settings) -> StreamConfig:
     """The stream's definition for a plain nats-py client (``js.add_stream``)."""
     return StreamConfig(**stream_fields(settings))
+
+
+def rate_limit_bucket(settings: Settings) -> str:
+    """KV bucket of the provider rate limits shared by every replica (one entry per provider account, see
+    :mod:`llamaduo.providers.shared_limits`)."""
+    return f"{settings.stream_name}_RATES"
 
 
 def durable_name(settings: Settings, durable: str) -> str:

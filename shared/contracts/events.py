@@ -46,6 +46,7 @@ class Subject(StrEnum):
     MIGRATION_PROGRESS = "migration.progress"
     MIGRATION_COMPLETED = "migration.completed"
     MIGRATION_FAILED = "migration.failed"
+    MIGRATION_CANCEL = "migration.cancel"
     TRAIN_REQUEST = "train.request"
     TRAIN_PROGRESS = "train.progress"
     TRAIN_DONE = "train.done"
@@ -56,6 +57,9 @@ class Subject(StrEnum):
     SYNTH_REQUEST = "synth.request"
     SYNTH_READY = "synth.ready"
 
+
+#: The subjects a migration ends on: exactly one of them, once, is its last event.
+TERMINAL_SUBJECTS = (Subject.MIGRATION_COMPLETED, Subject.MIGRATION_FAILED)
 
 #: Subject families stored in the JetStream stream (plus the dead-letter family).
 SUBJECT_FAMILIES = ("migration", "train", "infer", "judge", "eval", "synth")
@@ -83,6 +87,13 @@ class Stage(StrEnum):
     HOLDOUT = "holdout"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: The ``migration.failed`` reason of a cancelled migration (``llamaduo cancel``): it ends on ``migration.failed``
+#: like every other migration that did not pass, so a client that knows the two terminal subjects never waits
+#: forever; the reason tells "cancelled" apart, and ``best_model`` names the best round's adapter, kept.
+CANCELLED_REASON = "cancelled"
 
 
 class ArtifactRef(BaseModel):
@@ -298,10 +309,20 @@ class MigrationCompleted(BaseModel):
     usage: Usage = Field(default_factory=Usage)
 
 
+class MigrationCancel(BaseModel):
+    """Cancel a migration (``llamaduo cancel``): in-flight work stops at its next safe point and the migration
+    ends with ``migration.failed`` reason ``cancelled``, keeping its best round's adapter. Publishing it twice is
+    harmless (same event id per migration by default, and the controller applies it once)."""
+
+    reason: str = Field(default="", description="Why, in the requester's words (shown in the terminal event)")
+    requested_by: str = Field(default="", description="Who asked (user@host for the CLI)")
+
+
 class MigrationFailed(BaseModel):
     reason: str = Field(
         description="Machine-readable reason: spec, dataset, budget, max_rounds, plateau, judge_unavailable, "
-        "synthesis_exhausted, dead_letter"
+        "synthesis_exhausted, dead_letter, cancelled (by a migration.cancel; best_model is the best round's "
+        "adapter, kept)"
     )
     detail: str = ""
     best_model: ArtifactRef | None = None
@@ -326,6 +347,7 @@ PAYLOADS: dict[Subject, type[BaseModel]] = {
     Subject.MIGRATION_PROGRESS: MigrationProgress,
     Subject.MIGRATION_COMPLETED: MigrationCompleted,
     Subject.MIGRATION_FAILED: MigrationFailed,
+    Subject.MIGRATION_CANCEL: MigrationCancel,
     Subject.TRAIN_REQUEST: TrainRequest,
     Subject.TRAIN_PROGRESS: TrainProgress,
     Subject.TRAIN_DONE: TrainDone,
@@ -405,6 +427,24 @@ def start_envelope(migration_id: str, spec: dict[str, Any], event_id: str | None
     )
 
 
+def cancel_envelope(migration_id: str, correlation_id: str, reason: str = "", requested_by: str = "") -> Envelope:
+    """The ``migration.cancel`` envelope of a migration. One event id per migration: a second cancel within
+    JetStream's duplicate window is dropped by the server, and the controller applies it once anyway."""
+    eid = deterministic_id("cancel", migration_id)
+    return Envelope(
+        event_id=eid, migration_id=migration_id, round=0, type=Subject.MIGRATION_CANCEL,
+        correlation_id=correlation_id, causation_id=None,
+        payload=MigrationCancel(reason=reason, requested_by=requested_by),
+    )
+
+
+def outcome_of(final: Envelope) -> str:
+    """'completed', 'cancelled' or 'failed': the outcome a terminal event announces."""
+    if final.type == Subject.MIGRATION_COMPLETED:
+        return "completed"
+    return "cancelled" if getattr(final.payload, "reason", "") == CANCELLED_REASON else "failed"
+
+
 # Typed envelopes, one per subject: handlers annotate with these and the bus validates before they run.
 MigrationStartEvent = Envelope[MigrationStart]
 TrainRequestEvent = Envelope[TrainRequest]
@@ -419,6 +459,7 @@ SynthReadyEvent = Envelope[SynthReady]
 MigrationProgressEvent = Envelope[MigrationProgress]
 MigrationCompletedEvent = Envelope[MigrationCompleted]
 MigrationFailedEvent = Envelope[MigrationFailed]
+MigrationCancelEvent = Envelope[MigrationCancel]
 
 
 def parse_event(data: bytes | str | dict[str, Any]) -> Envelope:

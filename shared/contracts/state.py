@@ -191,8 +191,8 @@ class MigrationState(BaseModel):
 
     @property
     def done(self) -> bool:
-        """True once the migration completed or failed."""
-        return self.stage in (Stage.COMPLETED, Stage.FAILED)
+        """True once the migration completed, failed or was cancelled."""
+        return self.stage in (Stage.COMPLETED, Stage.FAILED, Stage.CANCELLED)
 
     @property
     def ending(self) -> bool:
