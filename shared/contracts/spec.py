@@ -22,11 +22,14 @@ class _Strict(BaseModel):
 
 
 class TaskSpec(_Strict):
-    name: str = Field(min_length=1, description="Short task name, used in reports")
-    system_prompt: str = Field(default="", description="System prompt given to the student and the teacher")
+    name: str = Field(min_length=1, description="Short task name, shown in logs and reports")
+    system_prompt: str = Field(
+        default="", description="System prompt of the task: the student is trained and answers with it, the "
+        "teacher sees it when writing new examples")
     oracle: str | None = Field(
         default=None,
-        description="'module:attr' of a TaskOracle; required by the simulated provider",
+        description="'package.module:attribute' of the task's oracle (user code, see docs/oracle.md); required by "
+        "the simulated provider, not used by the others",
     )
 
     @field_validator("oracle")
@@ -46,7 +49,9 @@ class DatasetSpec(_Strict):
     response_column: str = Field(
         default="response", description="Column holding the correct answer: the training target and the judge's "
         "reference")
-    messages_column: str | None = Field(default=None, description="Use a chat 'messages' column instead")
+    messages_column: str | None = Field(
+        default=None, description="Column holding a chat (a list of {role, content}) instead of "
+        "instruction/response columns: the first user turn is the instruction, the last assistant turn the response")
     split_column: str | None = Field(
         default="split", description="Column holding 'train', 'eval' (or 'test': the same) and 'holdout', if any")
     test_fraction: float = Field(default=0.2, gt=0, lt=1, description="Eval split share when no split column exists")
@@ -66,8 +71,11 @@ class DatasetSpec(_Strict):
 
 
 class LoraSpec(_Strict):
-    r: int | None = Field(default=None, ge=1, description="None: paper schedule by data size (8/16/32)")
-    alpha: int | None = Field(default=None, ge=1, description="None: 2 x r")
+    r: int | None = Field(
+        default=None, ge=1, description="Adapter rank: larger learns more, with a larger adapter; null = the "
+        "paper's schedule by training rows (8 up to 16,000 rows, 16 up to 32,000, 32 above)")
+    alpha: int | None = Field(
+        default=None, ge=1, description="Adapter scaling (its weight is alpha / r); null = 2 x r")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout probability (0..1) during training")
     target_modules: list[str] | Literal["all-linear"] = Field(
         default="all-linear",
@@ -107,7 +115,8 @@ class TrainingSpec(_Strict):
 
 
 class InferenceSpec(_Strict):
-    samples_per_prompt: int = Field(default=1, ge=1, description="K answers per test prompt")
+    samples_per_prompt: int = Field(
+        default=1, ge=1, description="K answers per eval prompt, each judged (K > 1 needs temperature above 0)")
     temperature: float = Field(
         default=0.0, ge=0, description="Sampling temperature of the student's answers; 0 = greedy (needs "
         "samples_per_prompt 1)")
@@ -239,14 +248,20 @@ class JudgeSpec(_Strict):
         "'package.module:function' of a function (instruction, reference, candidate) returning a share "
         "0..1, a (similarity, precision) pair on the 1..100 scale, or a dict with those keys and 'reason'",
     )
-    judgements_per_answer: int = Field(default=1, ge=1, description="M judgements per answer")
+    judgements_per_answer: int = Field(
+        default=1, ge=1, description="M judgements per answer, averaged (M > 1 needs the judge's temperature "
+        "above 0)")
     batch_size: int = Field(default=8, ge=1, description="Answers per judge.request message")
-    max_attempts: int = Field(default=3, ge=1, description="Re-asks for an answer that fails validation")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Tries per judgement: a reply that is not a valid judgement is asked again, up "
+        "to this many tries in all")
     gate: AggregateName = Field(
         default="similarity_mean", description="Aggregate compared with the threshold: a mean of the 1..100 "
         "scores (similarity_mean, precision_mean) or a coverage, the percent of answers scoring at least 50 / 70 "
         "(coverage_50, coverage_70 on similarity; precision_coverage_50, precision_coverage_70); see docs/gate.md")
-    threshold: float = Field(default=90, ge=0, le=100, description="Gate value (coverage: percent of answers)")
+    threshold: float = Field(
+        default=90, ge=0, le=100, description="Value of the gate aggregate a round must reach to pass, on the "
+        "1..100 scale (a coverage: percent of answers); see docs/gate.md")
     early_stopping: bool = Field(
         default=True,
         description="Close a round's judging as soon as the confidence interval of the gated aggregate lies "
@@ -255,7 +270,7 @@ class JudgeSpec(_Strict):
     confidence: float = Field(
         default=0.95, gt=0, lt=1, description="Confidence of the early-stopping interval (over all looks)"
     )
-    min_judged: int = Field(default=10, ge=1, description="Answers judged before early stopping may decide")
+    min_judged: int = Field(default=10, ge=1, description="Fewest answers judged before early stopping may decide")
     min_judged_fraction: float = Field(
         default=0.9, gt=0, le=1,
         description="Share of a round's answers that must be judged (not failed) for its gate to count: a round "
