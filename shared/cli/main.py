@@ -11,6 +11,7 @@ import sys
 from llamaduo.cli.common import fail
 from llamaduo.cli.installation import cmd_asyncapi, cmd_events, cmd_ping, cmd_report, cmd_service, cmd_status
 from llamaduo.cli.migrate import cmd_demo, cmd_migrate
+from llamaduo.cli.pull import cmd_pull
 from llamaduo.cli.serve import cmd_serve
 from llamaduo.cli.validate import cmd_validate
 from llamaduo.errors import LlamaDuoError
@@ -70,6 +71,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--cache", default=".data/served", help="where downloaded models are kept")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("pull", help="download a base model (Hugging Face id) or build a built-in one, into the "
+                       "cache the services read")
+    p.add_argument("model", help="a Hugging Face id, smollm2-135m or tiny:<preset>")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("ping", help="exit 0 when NATS and S3 answer (health check)")
     p.set_defaults(func=cmd_ping)
