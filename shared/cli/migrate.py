@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from llamaduo.cli.common import fail, load_settings
-from llamaduo.errors import SpecError
 
 if TYPE_CHECKING:
     from llamaduo.contracts.events import Envelope
@@ -173,11 +172,14 @@ async def run_migration(settings: Settings, spec: MigrationSpec, migration_id: s
 
 def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
     """Run a migration from a spec file (``--embedded``: on a private installation started for it)."""
+    from llamaduo.cli.preflight import preflight
     from llamaduo.contracts.events import new_migration_id, validate_migration_id
     from llamaduo.contracts.spec import load_spec
-    from llamaduo.tasks.plugins import spec_code_problems
 
     spec = load_spec(spec_path or Path(args.spec))
+    # everything knowable is checked before any server starts (keys, model, user code: embedded only,
+    # a running installation's services have their own environment)
+    preflight(spec, services_here=args.embedded).raise_if_problems(str(spec_path or args.spec))
     try:
         migration_id = validate_migration_id(args.id) if args.id else new_migration_id()
     except ValueError as err:
@@ -185,8 +187,6 @@ def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
     log = sys.stderr if args.json else sys.stdout
     embedded = None
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a stopped CLI stops its embedded installation too
-    if args.embedded and (problems := spec_code_problems(spec)):  # the embedded services run on this machine
-        raise SpecError("user code named in the spec cannot be loaded:\n" + "\n".join(f"  - {p}" for p in problems))
     try:
         if args.embedded:
             from llamaduo.runtime.embedded import Embedded

@@ -8,6 +8,7 @@ Every model forbids unknown fields, so a typo is refused with the field's path i
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,12 +171,21 @@ class RateLimits(_Strict):
     max_concurrency: int = Field(default=8, ge=1, description="Most calls open at once per service process")
 
 
+#: The model name of the simulated provider (it needs none: its "model" is the task oracle).
+SIMULATED_MODEL = "oracle"
+#: Providers whose ``model`` must be written: a name the service (or, for 'local', the loader) knows.
+MODEL_EXAMPLES = {"openai": "gpt-4o-mini", "gemini": "gemini-2.5-flash",
+                  "openai-compatible": "the name the server serves, e.g. an Ollama tag like llama3.1:8b",
+                  "local": "a base model name like smollm2-135m or an HF id"}
+
+
 class ProviderSpec(_Strict):
     provider: Literal["simulated", "openai", "openai-compatible", "gemini", "local"] = Field(
         default="simulated", description="Who answers: 'openai', 'gemini', 'openai-compatible' (any server "
         "speaking the OpenAI API, at base_url), 'local' (a transformers model on this machine) or 'simulated' "
         "(the task's oracle, offline; for demos and tests)")
-    model: str = "oracle"
+    model: str | None = Field(
+        default=None, description="Model name sent to the service; required except for provider 'simulated'")
     base_url: str | None = Field(
         default=None, description="API address, e.g. http://localhost:11434/v1; required by 'openai-compatible'")
     api_key_env: str | None = Field(default=None, description="Name of the environment variable with the key")
@@ -210,8 +220,18 @@ class ProviderSpec(_Strict):
         description="Batch API: give up on (and cancel) a batch not finished after this many seconds",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _simulated_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("provider", "simulated") == "simulated" and data.get("model") is None:
+            return {**data, "model": SIMULATED_MODEL}
+        return data
+
     @model_validator(mode="after")
-    def _base_url_when_compatible(self) -> ProviderSpec:
+    def _model_and_base_url(self) -> ProviderSpec:
+        if self.model is None:
+            raise ValueError(f"provider {self.provider!r} needs model: the model to call "
+                             f"({MODEL_EXAMPLES[self.provider]}); nothing is assumed")
         if self.provider == "openai-compatible" and not self.base_url:
             raise ValueError("provider 'openai-compatible' needs base_url")
         return self
@@ -277,6 +297,14 @@ class JudgeSpec(_Strict):
         "below it does not pass, and the migration ends with reason 'judge_unavailable' before any synthesis "
         "(the judge already retried each answer: max_attempts, and the provider's max_retries)",
     )
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_scale(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError(f"the gate is on the 1-100 scale (means of 1..100 scores, coverages in percent): "
+                             f"{value} means {value * 100:g}? write judge.threshold: {value * 100:g}")
+        return value
 
     @field_validator("checker")
     @classmethod
@@ -410,6 +438,11 @@ class MigrationSpec(_Strict):
 
     @model_validator(mode="after")
     def _oracle_for_simulated(self) -> MigrationSpec:
+        if "teacher" not in self.model_fields_set and not self.task.oracle:
+            raise ValueError(
+                "teacher is missing: name the service LLM that writes new training data, e.g. teacher: {provider: "
+                "openai, model: gpt-4o-mini, api_key_env: OPENAI_API_KEY} (see examples/); only a task with "
+                "task.oracle may leave it out (the offline simulated teacher)")
         used = [("teacher", self.teacher)]
         if self.judge.method == "llm":  # a programmatic judge calls no provider
             used.append(("judge_provider", self.judge_llm))
@@ -419,13 +452,30 @@ class MigrationSpec(_Strict):
         return self
 
 
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the spec model that holds ``loc``'s last part (none when the path leaves the models)."""
+    model: Any = MigrationSpec
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        nested = [t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see docs/spec.md)"
+            near = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(e["loc"][:-1]), n=1)
+            msg = (f"unknown field (did you mean {near[0]!r}?)" if near
+                   else "unknown field (check the spelling; see docs/spec.md)")
         lines.append(f"  - {where}: {msg}")
     return f"invalid migration spec {origin}:\n" + "\n".join(lines)
 

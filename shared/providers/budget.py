@@ -16,6 +16,9 @@ below the usage the controller sums from events. Only the prompt estimate (4 cha
 requests without ``max_tokens``, the reply estimate can be wrong; with ``max_tokens`` set (the judge) the
 reply cannot exceed its reservation.
 
+A migration with ``max_cost`` whose provider has no known price (:func:`~llamaduo.providers.pricing.missing_price`)
+makes no call at all: counting its calls as free would leave the cost limit silently unenforced.
+
 The controller turns a ``budget_exhausted`` report into ``migration.failed`` with reason ``budget``.
 """
 
@@ -29,6 +32,7 @@ from typing import Any
 
 from llamaduo.contracts.spec import BudgetSpec
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError, estimate_tokens
+from llamaduo.providers.pricing import FREE_PROVIDERS
 
 #: Reply tokens reserved for a request without ``max_tokens`` when nothing better is known.
 DEFAULT_REPLY_TOKENS = 1024
@@ -208,11 +212,23 @@ class BudgetedProvider(Provider):
     def exhausted(self) -> bool:
         return self.blocked > 0
 
+    @property
+    def unpriced(self) -> str | None:
+        """Why this provider's cost cannot be counted (its price is unknown), or None."""
+        price = getattr(self.inner, "price", None)
+        if price is None or price.source != "unknown" or self.inner.spec.provider in FREE_PROVIDERS:
+            return None
+        return price.note or f"no price known for model {self.inner.spec.model!r}"
+
     def _cost(self, input_tokens: int, output_tokens: int) -> float:
         price = getattr(self.inner, "price", None)
         return float(price.cost(input_tokens, output_tokens)) if price is not None else 0.0
 
     async def complete(self, request: CompletionRequest) -> Completion:
+        if self.budget.max_cost is not None and (why := self.unpriced):
+            self.blocked += 1
+            raise BudgetExhausted(f"budget: budget.max_cost {self.budget.max_cost} is set but {why}; "
+                                  f"no {request.purpose} call was made")
         prompt, reply = estimate_call(request)
         tokens, cost = prompt + reply, self._cost(prompt, reply)
         if self.exhausted or not await self.ledger.reserve(tokens, cost, self.budget):

@@ -6,7 +6,12 @@ Where a price comes from, first match wins:
 2. :data:`PRICE_TABLE`, a small built-in table of well-known models, written on :data:`PRICES_AS_OF`
    (list prices, standard tier, no batch or cache discounts, the lower tier of tiered prices). Prices
    change: set the spec fields to be exact;
-3. otherwise 0, with a note (logged once per model) saying the cost is not counted.
+3. otherwise the price is *unknown* (``source`` 'unknown', counted as 0, with a note logged once per
+   model); also when the spec gives one side and the table has no entry for the other. A budget with
+   ``max_cost`` refuses calls at an unknown price instead of counting them free (:func:`missing_price` says
+   why, for the preflight of ``llamaduo validate`` and for the budget at run time).
+
+The ``simulated`` and ``local`` providers (:data:`FREE_PROVIDERS`) cost nothing unless the spec prices them.
 
 Calls through the OpenAI Batch API (``ProviderSpec.batch_api``) cost :data:`BATCH_DISCOUNT` of that price
 (spec prices are synchronous prices too): ``price_for(model, spec, batch=True)`` or :meth:`Price.batch`.
@@ -31,6 +36,9 @@ PRICES_AS_OF = "2025-08"
 
 #: Share of the synchronous price paid for a call made through the OpenAI Batch API (half price).
 BATCH_DISCOUNT = 0.5
+
+#: Providers whose calls cost nothing when the spec sets no price (an oracle, a model on this machine).
+FREE_PROVIDERS = ("simulated", "local")
 
 #: model family -> (USD per 1M input tokens, USD per 1M output tokens), as of :data:`PRICES_AS_OF`.
 PRICE_TABLE: dict[str, tuple[float, float]] = {
@@ -124,11 +132,11 @@ def _sync_price(model: str, spec: ProviderSpec | None) -> Price:
             f"missing side from the list price of {family} as of {PRICES_AS_OF}",
         )
     note = (
-        f"no price known for model {model!r}: its cost is counted as 0 "
-        "(set price_input_per_mtok / price_output_per_mtok in the spec)"
+        f"no price known for model {model!r}: its cost is counted as 0 and a budget.max_cost refuses its calls "
+        "(set price_input_per_mtok and price_output_per_mtok in the spec)"
     )
     if spec_in is not None or spec_out is not None:
-        return Price(spec_in or 0.0, spec_out or 0.0, "spec", note)
+        return Price(spec_in or 0.0, spec_out or 0.0, "unknown", note)
     if model not in _warned:
         _warned.add(model)
         log.warning("%s", note)
@@ -138,3 +146,19 @@ def _sync_price(model: str, spec: ProviderSpec | None) -> Price:
 def cost(model: str, input_tokens: int, output_tokens: int, spec: ProviderSpec | None = None) -> float:
     """USD cost of one call of ``model`` with the given token counts (see :func:`price_for`)."""
     return price_for(model, spec).cost(input_tokens, output_tokens)
+
+
+def missing_price(spec: ProviderSpec, where: str = "teacher") -> str | None:
+    """Why the cost of ``spec``'s calls cannot be counted (``where``: the spec field, for the message), or
+    None when it can: the spec or :data:`PRICE_TABLE` prices both sides, or the provider is free."""
+    priced = spec.price_input_per_mtok is not None or spec.price_output_per_mtok is not None
+    if spec.provider in FREE_PROVIDERS and not priced:
+        return None
+    if spec.price_input_per_mtok is not None and spec.price_output_per_mtok is not None:
+        return None
+    if lookup(spec.model or "") is not None:
+        return None
+    given = {"input": spec.price_input_per_mtok, "output": spec.price_output_per_mtok}
+    sides = " and ".join(f"{where}.price_{side}_per_mtok" for side, value in given.items() if value is None)
+    return (f"{where}.model {spec.model!r} has no price in the built-in table (as of {PRICES_AS_OF}), so its cost "
+            f"cannot be counted against budget.max_cost: set {sides} (USD per million tokens)")

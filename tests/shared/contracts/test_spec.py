@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,7 @@ import yaml
 
 from llamaduo.cli.main import main
 from llamaduo.contracts.spec import SpecError, load_spec, parse_spec
+from llamaduo.tasks.triage import make_dataset
 
 GOOD = {
     "task": {"name": "triage", "oracle": "llamaduo.tasks.triage:oracle"},
@@ -14,6 +16,8 @@ GOOD = {
 
 
 def write(tmp_path: Path, data: dict) -> Path:
+    """The spec as ``spec.yaml``, beside a triage dataset at its ``data.jsonl`` (so the preflight passes)."""
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_dataset(20, 10)))
     p = tmp_path / "spec.yaml"
     p.write_text(yaml.safe_dump(data))
     return p
@@ -40,8 +44,8 @@ def test_every_bad_field_is_reported_at_once():
 
 
 def test_simulated_needs_oracle_and_quantized_needs_lora():
-    no_oracle = {**GOOD, "task": {"name": "t"}}
-    with pytest.raises(SpecError, match=r"needs task\.oracle"):
+    no_oracle = {**GOOD, "task": {"name": "t"}, "teacher": {"provider": "simulated"}}
+    with pytest.raises(SpecError, match=r"teacher\.provider 'simulated' needs task\.oracle"):
         parse_spec(no_oracle)
     with pytest.raises(SpecError, match="QLoRA"):
         parse_spec({**GOOD, "student": {"base_model": "x", "method": "full", "quantization": "4bit"}})
@@ -72,3 +76,52 @@ def test_cli_validate_loads_the_user_code_the_spec_names(tmp_path, capsys, monke
             "attribute") in capsys.readouterr().err
     good_checker = {**GOOD, "judge": {"method": "programmatic", "checker": "json_fields"}}
     assert main(["validate", str(write(tmp_path, good_checker))]) == 0
+
+
+# ------------------------------------------------------------------------------ no surprising defaults
+
+OPENAI = {"provider": "openai", "model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"}
+
+
+def test_a_spec_without_teacher_or_oracle_is_refused_naming_the_teacher():
+    with pytest.raises(SpecError) as err:
+        parse_spec({**GOOD, "task": {"name": "t"}})
+    message = str(err.value)
+    assert "teacher is missing" in message and "simulated" not in message.split("only a task")[0]
+    assert parse_spec({**GOOD, "task": {"name": "t"}, "teacher": OPENAI}).teacher.model == "gpt-4o-mini"
+    assert parse_spec(GOOD).teacher.provider == "simulated"  # an oracle makes the offline teacher the default
+
+
+@pytest.mark.parametrize("provider", ["openai", "openai-compatible", "gemini", "local"])
+def test_a_provider_that_calls_a_model_needs_its_name(provider):
+    teacher = {"provider": provider, "base_url": "http://localhost:8000/v1"}
+    with pytest.raises(SpecError, match=rf"teacher: provider '{provider}' needs model"):
+        parse_spec({**GOOD, "teacher": teacher})
+    assert parse_spec({**GOOD, "teacher": {**teacher, "model": "m"}}).teacher.model == "m"
+
+
+def test_the_simulated_provider_still_needs_no_model_name():
+    assert parse_spec({**GOOD, "teacher": {"provider": "simulated"}}).teacher.model == "oracle"
+
+
+@pytest.mark.parametrize("gate", ["similarity_mean", "coverage_70"])
+@pytest.mark.parametrize("threshold", [0.9, 1])
+def test_a_threshold_on_the_0_1_scale_is_refused_with_the_1_100_hint(gate, threshold):
+    with pytest.raises(SpecError, match=rf"judge\.threshold: the gate is on the 1-100 scale.*{threshold * 100:g}"):
+        parse_spec({**GOOD, "judge": {"gate": gate, "threshold": threshold}})
+    assert parse_spec({**GOOD, "judge": {"gate": gate, "threshold": 0}}).judge.threshold == 0
+    assert parse_spec({**GOOD, "judge": {"gate": gate, "threshold": 1.5}}).judge.threshold == 1.5
+
+
+def test_an_unknown_field_suggests_the_field_it_resembles():
+    bad = {**GOOD, "teacher": {"provider": "openai", "modle": "gpt-4o"},
+           "judge_provider": {**OPENAI, "api_key_ev": "X"}, "judge": {"threshhold": 80}, "budgte": {}}
+    with pytest.raises(SpecError) as err:
+        parse_spec(bad)
+    message = str(err.value)
+    assert "teacher.modle: unknown field (did you mean 'model'?)" in message
+    assert "judge_provider.api_key_ev: unknown field (did you mean 'api_key_env'?)" in message
+    assert "judge.threshhold: unknown field (did you mean 'threshold'?)" in message
+    assert "budgte: unknown field (did you mean 'budget'?)" in message
+    with pytest.raises(SpecError, match=r"student\.lora\.zzz: unknown field \(check the spelling"):
+        parse_spec({**GOOD, "student": {**GOOD["student"], "lora": {"zzz": 8}}})

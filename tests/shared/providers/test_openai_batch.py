@@ -290,9 +290,9 @@ def test_spec_allows_batch_api_only_for_openai_providers() -> None:
     assert ProviderSpec(provider="openai", model="gpt-4o", batch_api=True).batch_api
     for provider in ("gemini", "simulated"):
         with pytest.raises(ValidationError, match="batch_api needs provider 'openai' or 'openai-compatible'"):
-            ProviderSpec(provider=provider, batch_api=True)  # type: ignore[arg-type]
+            ProviderSpec(provider=provider, model="m", batch_api=True)  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
-        ProviderSpec(provider="openai", batch_api=True, batch_max_requests=60_000)
+        ProviderSpec(provider="openai", model="gpt-4o", batch_api=True, batch_max_requests=60_000)
 
 
 def test_request_with_no_messages_is_refused_before_batching(monkeypatch: pytest.MonkeyPatch) -> None:
