@@ -10,6 +10,8 @@
 * ``infer.request`` (split ``holdout``, sent once by the controller at the end) -> answer the holdout split with
   the chosen round's adapter (shards and predictions under ``round-N/holdout/``) -> ``judge.request`` batches
   with ``split: holdout`` (no ``infer.done``: the batches carry their count).
+
+A cancelled migration's answering stops before its next shard (nothing more stored, nothing published).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}-{split}"
         items, _ = await asyncio.to_thread(
             predict_round, store, spec, prompts, event.migration_id, event.round, event.payload.adapter, model_dir,
-            should_stop=bus.stopping.is_set, split=split)
+            should_stop=bus.stopping.is_set, split=split, should_cancel=bus.cancelled.checker(event.migration_id))
         size = spec.judge.batch_size
         batches = [items[i:i + size] for i in range(0, len(items), size)]
         for b, chunk in enumerate(batches):
@@ -78,7 +80,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}"
         items, predictions = await asyncio.to_thread(
             predict_round, store, spec, test, event.migration_id, event.round, event.payload.adapter, model_dir,
-            should_stop=bus.stopping.is_set)
+            should_stop=bus.stopping.is_set, should_cancel=bus.cancelled.checker(event.migration_id))
         # judged in a seeded random order: sequential early stopping assumes batches are random samples
         order = list(items)
         random.Random(f"{spec.dataset.seed}-{event.round}").shuffle(order)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llamaduo.bus.broker import WorkReturned
+from llamaduo.bus.cancellation import MigrationCancelled
 from llamaduo.contracts.events import ArtifactRef, JudgeItem
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
@@ -43,6 +44,7 @@ def predict_in_shards(
     shard_size: int = PROMPTS_PER_SHARD,
     should_stop: Callable[[], bool] | None = None,
     split: str = "eval",
+    should_cancel: Callable[[], bool] | None = None,
 ) -> tuple[list[JudgeItem], int]:
     """Answer ``test`` shard by shard, storing each shard as it is done and reusing stored ones.
 
@@ -50,7 +52,10 @@ def predict_in_shards(
     test split or K regenerates it. Returns ``(items in test order, number of shards generated now)``.
     When ``should_stop()`` turns true (the service is shutting down) before a shard is generated,
     :class:`~llamaduo.bus.broker.WorkReturned` is raised: the shards stored so far are kept for the redelivery.
+    When ``should_cancel()`` turns true (the migration was cancelled) before a shard is generated or stored,
+    :class:`~llamaduo.bus.cancellation.MigrationCancelled` is raised and the shard is not stored.
     """
+    cancelled = should_cancel or (lambda: False)
     items: list[JudgeItem] = []
     generated = 0
     for index, start in enumerate(range(0, len(test), shard_size)):
@@ -58,9 +63,13 @@ def predict_in_shards(
         key = shard_key(migration_id, round, index, split)
         stored = _stored_shard(store, key, [e.id for e in chunk for _ in range(samples_per_prompt)])
         if stored is None:
+            if cancelled():
+                raise MigrationCancelled(f"answering stopped before shard {index}: the migration was cancelled")
             if should_stop is not None and should_stop():
                 raise WorkReturned(f"stopped before shard {index}; {index} shard(s) stored")
             answers = answer([e.instruction for e in chunk])
+            if cancelled():
+                raise MigrationCancelled(f"shard {index} answered, not stored: the migration was cancelled")
             stored = [JudgeItem(item_id=e.id, sample=k, instruction=e.instruction, reference=e.response,
                                 candidate=text)
                       for e, samples in zip(chunk, answers, strict=True) for k, text in enumerate(samples)]
@@ -86,6 +95,7 @@ def predict_round(
     store: ArtifactStore, spec: MigrationSpec, test: list[Example], migration_id: str, round: int,
     adapter: ArtifactRef | str, model_dir: Path, *, shard_size: int = PROMPTS_PER_SHARD,
     should_stop: Callable[[], bool] | None = None, split: str = "eval",
+    should_cancel: Callable[[], bool] | None = None,
 ) -> tuple[list[JudgeItem], ArtifactRef]:
     """Predictions of a round (sharded, see :func:`predict_in_shards`) joined into ``predictions.jsonl``.
 
@@ -108,5 +118,7 @@ def predict_round(
 
     k = spec.student.inference.samples_per_prompt
     items, _ = predict_in_shards(store, test, migration_id, round, lazy_answerer(load), k, shard_size=shard_size,
-                                 should_stop=should_stop, split=split)
+                                 should_stop=should_stop, split=split, should_cancel=should_cancel)
+    if should_cancel is not None and should_cancel():
+        raise MigrationCancelled(f"round {round} answered, predictions not stored: the migration was cancelled")
     return items, store.put_jsonl(predictions_key(migration_id, round, split), items, once=True)

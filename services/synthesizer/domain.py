@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from llamaduo.bus.cancellation import MigrationCancelled
 from llamaduo.contracts.events import SynthRequest, Usage
 from llamaduo.contracts.spec import SynthesisSpec
 from llamaduo.data.embeddings import SentenceEmbedder, get_embedder
@@ -91,6 +92,7 @@ async def synthesize(
     embedder: SentenceEmbedder | None = None,
     earlier: Sequence[Example] = (),
     holdout: Sequence[Example] = (),
+    should_cancel: Callable[[], bool] | None = None,
 ) -> SynthResult:
     """Generate up to ``request.samples`` new examples (``spec.samples_per_round`` if that is 0).
 
@@ -111,7 +113,11 @@ async def synthesize(
     the embedding checks run with ``embedder`` (default: the process-wide packaged model, see
     :func:`llamaduo.data.embeddings.get_embedder`; a missing model raises
     :class:`llamaduo.data.embeddings.EmbeddingModelMissing` before any call is made).
+
+    ``should_cancel`` (the migration was cancelled) is checked before each wave of teacher calls and before
+    returning: when true, :class:`~llamaduo.bus.cancellation.MigrationCancelled` is raised (no further calls).
     """
+    cancelled = should_cancel or (lambda: False)
     target = request.samples if request.samples > 0 else spec.samples_per_round
     rng = random.Random(seed * 1_000_003 + round)
     by_id = {e.id: e for e in held_out}  # eval items only: the holdout is never a target
@@ -140,6 +146,8 @@ async def synthesize(
     seed_ids: list[str] = []
 
     while len(kept) < target and result.calls < max_calls and train:
+        if cancelled():
+            raise MigrationCancelled(f"synthesis stopped after {result.calls} calls: the migration was cancelled")
         wanted = target - len(kept)
         wave = min(
             provider.spec.limits.max_concurrency,
@@ -198,6 +206,8 @@ async def synthesize(
             result.notes.append("every call of a wave failed: round ended early")
             break
 
+    if cancelled():
+        raise MigrationCancelled(f"synthesis stopped after {result.calls} calls: the migration was cancelled")
     if not train:
         result.notes.append("no train examples to use as seeds")
     if pool.restarted:

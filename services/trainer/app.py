@@ -4,7 +4,8 @@ With ``student.export_merged`` the adapter merged into its base model is uploade
 ``round_key(mid, round, "merged")``, and ``train.done`` carries its ref (``merged``). Checkpoints are kept in S3
 while a round trains (see :mod:`~llamaduo.services.trainer.checkpoints`), so a trainer killed mid-run resumes
 where it was, on this machine or another; the S3 copy is removed once ``train.done`` is out. A round end to end
-is :mod:`~llamaduo.services.trainer.rounds`.
+is :mod:`~llamaduo.services.trainer.rounds`. A cancelled migration's training stops after its current step:
+no ``train.done``, nothing uploaded, its stored checkpoints removed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import time
 
 from llamaduo.bus.broker import Bus, Delivery, PermanentError, WorkReturned
+from llamaduo.bus.cancellation import MigrationCancelled
 from llamaduo.contracts.events import Subject, TrainDone, TrainProgress, TrainRequestEvent
 from llamaduo.data.examples import Example
 from llamaduo.errors import SpecError
@@ -54,7 +56,11 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         try:
             result, adapter = await asyncio.to_thread(
                 train_round, store, spec, rows, event.migration_id, event.round, work, progress=progress,
-                should_stop=bus.stopping.is_set)
+                should_stop=bus.stopping.is_set, should_cancel=bus.cancelled.checker(event.migration_id))
+        except MigrationCancelled:  # nothing of a cancelled migration is kept: it is never resumed
+            await asyncio.to_thread(forget_checkpoints, store, checkpoint_prefix(event.migration_id, event.round))
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         except TrainingStopped as stopped:  # shutting down: the checkpoint is in S3, the request goes back
             raise WorkReturned(str(stopped)) from None
         except (SpecError, ModelResolutionError) as err:  # rows that cannot fit max_length, an unknown base model

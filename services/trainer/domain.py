@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from llamaduo.bus.cancellation import MigrationCancelled
 from llamaduo.contracts.events import TrainProgress
 from llamaduo.contracts.spec import StudentSpec
 from llamaduo.data.examples import Example
@@ -140,14 +141,16 @@ def _checkpoint_callback(every_s: float) -> Any:
     return _CheckpointEvery()
 
 
-def _stop_callback(should_stop: Callable[[], bool]) -> Any:
+def _stop_callback(should_stop: Callable[[], bool], should_cancel: Callable[[], bool]) -> Any:
     from transformers import TrainerCallback
 
     class _StopOnRequest(TrainerCallback):
-        """After a step, when ``should_stop()``: save a checkpoint and end training."""
+        """After a step: ``should_cancel()``: end training, nothing saved; ``should_stop()``: checkpoint, end."""
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step < state.max_steps and should_stop():
+            if state.global_step < state.max_steps and should_cancel():
+                control.should_training_stop = True
+            elif state.global_step < state.max_steps and should_stop():
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -331,6 +334,7 @@ def train(
     checkpoint_every_s: float = CHECKPOINT_EVERY_S,
     on_checkpoint: Callable[[Path], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Fine-tune ``student`` on ``examples`` and save it to ``output_dir`` (see :func:`save_student`).
 
@@ -346,6 +350,8 @@ def train(
     ``base_model_path``: an already resolved base model folder (default: :func:`resolve_base_model`).
     ``should_stop``: checked after every step; when it turns true (the service is shutting down) a checkpoint is
     saved, ``on_checkpoint`` gets it, and :class:`TrainingStopped` is raised instead of saving the student.
+    ``should_cancel``: checked after every step too; when true (the migration was cancelled) training ends with
+    nothing saved and :class:`~llamaduo.bus.cancellation.MigrationCancelled` is raised.
     """
     started = time.monotonic()
     losses: list[float] = []
@@ -363,7 +369,7 @@ def train(
             callbacks=[
                 _progress_callback(progress, losses),
                 *([_save_hook(on_checkpoint)] if on_checkpoint is not None and checkpoint_dir is not None else []),
-                *([_stop_callback(should_stop)] if should_stop is not None else []),
+                _stop_callback(should_stop or (lambda: False), should_cancel or (lambda: False)),
             ],
             fit=fit,
         )
@@ -371,6 +377,8 @@ def train(
         if resume:
             log.info("resuming training from %s", Path(resume).name)
         output = trainer.train(resume_from_checkpoint=resume)
+        if should_cancel is not None and should_cancel():
+            raise MigrationCancelled(f"training cancelled at step {trainer.state.global_step}")
         if should_stop is not None and trainer.state.global_step < trainer.state.max_steps and should_stop():
             raise TrainingStopped(trainer.state.global_step)
         save_student(trainer, tokenizer, meta, Path(output_dir))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llamaduo.bus.cancellation import MigrationCancelled
 from llamaduo.contracts.events import ArtifactRef
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
@@ -31,6 +32,7 @@ def train_round(
     progress: Callable[[TrainProgress], None] | None = None,
     every_s: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> tuple[TrainResult, ArtifactRef]:
     """Train a round's student in ``work`` with checkpoints kept in S3, and upload the result.
 
@@ -40,6 +42,8 @@ def train_round(
     ``adapter-<sha12>``, see :meth:`~llamaduo.storage.store.ArtifactStore.put_dir`). Returns
     ``(TrainResult, adapter ref)``. The stored checkpoint is left for the caller to
     :func:`~llamaduo.services.trainer.checkpoints.forget_checkpoints` once the result is announced.
+    ``should_cancel`` (the migration was cancelled): checked after every step and before the upload; when true,
+    :class:`~llamaduo.bus.cancellation.MigrationCancelled` is raised and nothing more is written to the store.
     """
     from llamaduo.services.trainer.domain import train
 
@@ -54,8 +58,13 @@ def train_round(
             spec.student, rows, spec.task.system_prompt, out_dir,
             progress=progress, checkpoint_dir=checkpoints,
             checkpoint_every_s=checkpoint_every_s() if every_s is None else every_s,
-            on_checkpoint=uploader, should_stop=should_stop,
+            on_checkpoint=uploader, should_stop=should_stop, should_cancel=should_cancel,
         )
+        if should_cancel is not None and should_cancel():
+            raise MigrationCancelled(f"round {round} trained, not uploaded: the migration was cancelled")
+    except MigrationCancelled:
+        uploader.close(flush=False)  # a cancelled migration is never resumed
+        raise
     except BaseException:
         uploader.close(flush=True)  # a failed run's redelivery resumes from the newest checkpoint
         raise
