@@ -49,7 +49,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             result = await synthesize(train, test, request, spec.synthesis, provider, round=event.round,
                                       seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,
                                       near_duplicate_threshold=spec.synthesis.near_duplicate_threshold,
-                                      earlier=earlier, holdout=holdout)
+                                      earlier=earlier, holdout=holdout,
+                                      should_cancel=bus.cancelled.checker(event.migration_id))
         finally:
             await provider.aclose()
         exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
