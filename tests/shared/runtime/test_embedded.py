@@ -11,7 +11,7 @@ import pytest
 from llamaduo.bus.connection import connect
 from llamaduo.runtime import embedded as embedded_module
 from llamaduo.runtime.embedded import Embedded
-from llamaduo.runtime.local_servers import S3Server, ServerError
+from llamaduo.runtime.local_servers import NatsServer, S3Server, ServerError
 from llamaduo.storage.store import ArtifactStore
 
 
@@ -33,9 +33,30 @@ def test_servers_only_reachable_and_env_points_services_at_them(tmp_path: Path,
         assert variables["LLAMADUO_NATS_URL"] == env.nats.url != "nats://somewhere-else:4222"
         assert variables["LLAMADUO_S3_ENDPOINT"] == env.s3.endpoint
         assert variables["LLAMADUO_CACHE_DIR"] == str(tmp_path / "cache")
-        assert variables["HF_HUB_OFFLINE"] == "1"
         nats, s3 = env.nats.process.proc, env.s3.process.proc
     assert nats.poll() is not None and s3.poll() is not None
+
+
+def unstarted(tmp_path: Path) -> Embedded:
+    """An installation whose servers are only described (ports given): enough for its services' environment."""
+    return Embedded(tmp_path, services=(), nats=NatsServer(tmp_path / "nats", port=4222),
+                    s3=S3Server(tmp_path / "s3", port=9000))
+
+
+def test_services_get_the_users_hugging_face_settings_and_are_offline_only_when_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    variables = unstarted(tmp_path).env()
+    assert "HF_HUB_OFFLINE" not in variables  # a hub base_model not yet cached can be downloaded
+    assert variables["HF_HOME"] == str(tmp_path / "hf-home")
+    assert variables["HF_HUB_CACHE"] == str(tmp_path / "hf-hub")
+    assert variables["HF_TOKEN"] == "hf_not_a_real_token"
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert unstarted(tmp_path).env()["HF_HUB_OFFLINE"] == "1"
 
 
 def test_replicas_run_as_processes_and_stop_with_the_installation(tmp_path: Path) -> None:
