@@ -6,7 +6,9 @@ A batch of a round whose judging the controller closed early (marker object
 and without a reply; a holdout batch (``split: holdout``, judged once at the end with the chosen round's
 adapter) is never skipped: it is judged in full, its scores stored under ``round-N/holdout/scores/``.
 With a budget in the spec, every call goes through the migration's spend ledger (:mod:`llamaduo.providers.budget`);
-a refused call leaves its answers unjudged and the reply says ``budget_exhausted``.
+a refused call leaves its answers unjudged and the reply says ``budget_exhausted``. The provider's rate limits
+are shared by every judge replica (and the synthesizer) calling the same account
+(:mod:`llamaduo.providers.shared_limits`).
 
 Each judged batch's scores (one ``Score`` per answer, with its reason) are stored as one S3 object,
 ``round-N/scores/batch-XXXXX.jsonl``, before ``eval.scored`` is published: the controller keeps only their
@@ -27,6 +29,7 @@ from llamaduo.bus.broker import Bus, Delivery, PermanentError
 from llamaduo.contracts.events import EvalScored, JudgeRequestEvent, Subject
 from llamaduo.providers.base import Provider, make_provider
 from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
+from llamaduo.providers.shared_limits import make_shared_provider
 from llamaduo.storage.keys import batch_scores_key, judging_closed_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
@@ -76,7 +79,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         else:
             if event.migration_id not in providers:
                 providers[event.migration_id] = await budgeted_provider(
-                    bus, event.migration_id, spec.budget, make_provider(spec.judge_llm, spec.task))
+                    bus, event.migration_id, spec.budget, await make_shared_provider(
+                    bus, spec.judge_llm, spec.task, make=make_provider))
             provider = providers[event.migration_id]
             scores, usage = await judge_items(event.payload.items, provider, spec.judge,
                                               temperature=spec.judge_llm.temperature)

@@ -5,7 +5,8 @@ holdout.
 
 With a budget in the spec, every teacher call goes through the migration's spend ledger
 (:mod:`llamaduo.providers.budget`): a call that could exceed it is not made, and ``synth.ready`` says
-``budget_exhausted`` (with whatever was kept before).
+``budget_exhausted`` (with whatever was kept before). The teacher's rate limits are shared by every
+replica calling the same account (:mod:`llamaduo.providers.shared_limits`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from llamaduo.contracts.events import Score, Subject, SynthReady, SynthRequestEv
 from llamaduo.data.examples import Example
 from llamaduo.providers.base import make_provider
 from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
+from llamaduo.providers.shared_limits import make_shared_provider
 from llamaduo.storage.keys import batch_scores_prefix, data_key, round_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
@@ -44,7 +46,9 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                                if s.failed or (s.similarity or 0) < 50})
             ids = await asyncio.to_thread(failed_ids, request.scores_round)
             request = request.model_copy(update={"failed_item_ids": ids})
-        provider = await budgeted_provider(bus, event.migration_id, spec.budget, make_provider(spec.teacher, spec.task))
+        provider = await budgeted_provider(bus, event.migration_id, spec.budget,
+                                           await make_shared_provider(bus, spec.teacher, spec.task,
+                                                                      make=make_provider))
         try:
             result = await synthesize(train, test, request, spec.synthesis, provider, round=event.round,
                                       seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,

@@ -8,12 +8,15 @@ structured), so both go through the same prompt-building, JSON-parsing and valid
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from llamaduo.contracts.spec import ProviderSpec, TaskSpec
 from llamaduo.errors import ProviderError
+
+if TYPE_CHECKING:
+    from llamaduo.providers.limits import Limiter
 
 
 class ChatMessage(BaseModel):
@@ -63,12 +66,14 @@ def estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
-def make_provider(spec: ProviderSpec, task: TaskSpec) -> Provider:
+def make_provider(spec: ProviderSpec, task: TaskSpec, *, limiter: Limiter | None = None) -> Provider:
     """Build the provider named by ``spec.provider``.
 
     ``simulated``: the task oracle; ``openai`` / ``openai-compatible``: Chat Completions through the
     ``openai`` client; ``gemini``: the ``google-genai`` client; ``local``: a transformers causal LM on this
-    machine (``model`` as for a student's base model; loaded on its first call). Raise
+    machine (``model`` as for a student's base model; loaded on its first call). ``limiter`` replaces the
+    in-process rate limiter of ``spec.limits`` (the services pass the one shared by all replicas, see
+    :func:`llamaduo.providers.shared_limits.make_shared_provider`); the simulated provider has none. Raise
     :class:`ProviderError` when a network provider cannot be built (e.g. its API key is not set).
     """
     if spec.provider == "simulated":
@@ -78,13 +83,13 @@ def make_provider(spec: ProviderSpec, task: TaskSpec) -> Provider:
     if spec.provider in ("openai", "openai-compatible"):
         from llamaduo.providers.openai_provider import OpenAIProvider
 
-        return OpenAIProvider(spec, task)
+        return OpenAIProvider(spec, task, limiter=limiter)
     if spec.provider == "gemini":
         from llamaduo.providers.gemini_provider import GeminiProvider
 
-        return GeminiProvider(spec, task)
+        return GeminiProvider(spec, task, limiter=limiter)
     if spec.provider == "local":
         from llamaduo.providers.local_provider import LocalProvider
 
-        return LocalProvider(spec, task)
+        return LocalProvider(spec, task, limiter=limiter)
     raise ProviderError(f"unknown provider {spec.provider!r}")

@@ -32,6 +32,7 @@ from llamaduo.providers.limits import (
     CallGuard,
     Clock,
     Failure,
+    Limiter,
     RetryPolicy,
     Sleep,
     is_retryable_status,
@@ -83,6 +84,7 @@ class GeminiProvider(Provider):
         clock: Clock | None = None,
         sleep: Sleep | None = None,
         rng: random.Random | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         """Build the client. Raise :class:`ProviderError` when no key is set."""
         super().__init__(spec, task)
@@ -96,7 +98,8 @@ class GeminiProvider(Provider):
             )
         self.name = f"gemini:{spec.model}"
         self.price = price_for(spec.model, spec)
-        self.guard = CallGuard(spec, policy=policy, clock=clock, sleep=sleep, rng=rng, secrets=[key])
+        self.guard = CallGuard(spec, policy=policy, clock=clock, sleep=sleep, rng=rng, secrets=[key],
+                               limiter=limiter)
         timeout = self.guard.policy.timeout
         http_options = types.HttpOptions(
             base_url=spec.base_url or None,
@@ -147,7 +150,7 @@ class GeminiProvider(Provider):
         thoughts = getattr(usage, "thoughts_token_count", None) or 0
         input_tokens = prompt_estimate if input_tokens is None else int(input_tokens)
         output_tokens = (estimate_tokens(text) if output_tokens is None else int(output_tokens)) + int(thoughts)
-        self.guard.limiter.settle(reserved, input_tokens + output_tokens)
+        await self.guard.limiter.settle(reserved, input_tokens + output_tokens)
         return Completion(
             text=text,
             input_tokens=input_tokens,

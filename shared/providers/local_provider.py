@@ -32,7 +32,7 @@ from llamaduo.contracts.spec import ProviderSpec, TaskSpec
 from llamaduo.models.generation import cut_at_stop, generate_new_tokens, messages_ids, stop_token_ids
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError
 from llamaduo.providers.budget import DEFAULT_REPLY_TOKENS
-from llamaduo.providers.limits import CallGuard, Failure, RetryPolicy
+from llamaduo.providers.limits import CallGuard, Failure, Limiter, RetryPolicy
 from llamaduo.providers.pricing import Price, price_for
 
 #: Appended to the last user message of a request with a JSON schema.
@@ -42,15 +42,17 @@ SCHEMA_INSTRUCTION = "Reply with only a JSON object that follows this JSON schem
 class LocalProvider(Provider):
     """A transformers causal LM on this machine as the service LLM (see the module docstring)."""
 
-    def __init__(self, spec: ProviderSpec, task: TaskSpec, *, model: Any = None, tokenizer: Any = None) -> None:
-        """Remember the spec; the model is loaded on the first call (or pass ``model`` and ``tokenizer``)."""
+    def __init__(self, spec: ProviderSpec, task: TaskSpec, *, model: Any = None, tokenizer: Any = None,
+                 limiter: Limiter | None = None) -> None:
+        """Remember the spec; the model is loaded on the first call (or pass ``model`` and ``tokenizer``).
+        ``limiter`` replaces the in-process rate limiter of ``spec.limits``."""
         super().__init__(spec, task)
         if spec.provider != "local":
             raise ProviderError(f"LocalProvider cannot serve provider {spec.provider!r}")
         self.name = f"local:{spec.model}"
         priced = spec.price_input_per_mtok is not None or spec.price_output_per_mtok is not None
         self.price = price_for(spec.model, spec) if priced else Price(0.0, 0.0, "unknown", "a local model is free")
-        self.guard = CallGuard(spec, policy=RetryPolicy.from_spec(spec, max_retries=0))
+        self.guard = CallGuard(spec, policy=RetryPolicy.from_spec(spec, max_retries=0), limiter=limiter)
         self.model = model
         self.tokenizer = tokenizer
         self._lock = asyncio.Lock()  # calls queue here, outside the timeout
@@ -111,7 +113,7 @@ class LocalProvider(Provider):
 
             new_ids = await self.guard.run(attempt, classify=_classify, describe=f"{self.name} ({request.purpose})",
                                            tokens=len(ids) + max_new)
-        self.guard.limiter.settle(len(ids) + max_new, len(ids) + len(new_ids))
+        await self.guard.limiter.settle(len(ids) + max_new, len(ids) + len(new_ids))
         return Completion(
             text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
             input_tokens=len(ids),

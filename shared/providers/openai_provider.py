@@ -39,6 +39,7 @@ from llamaduo.providers.limits import (
     CallGuard,
     Clock,
     Failure,
+    Limiter,
     RetryPolicy,
     Sleep,
     is_retryable_status,
@@ -70,6 +71,7 @@ class OpenAIProvider(Provider):
         clock: Clock | None = None,
         sleep: Sleep | None = None,
         rng: random.Random | None = None,
+        limiter: Limiter | None = None,
         json_mode_fallback: bool = True,
     ) -> None:
         """Build the client. Raise :class:`ProviderError` when ``provider: openai`` has no key."""
@@ -87,7 +89,8 @@ class OpenAIProvider(Provider):
             key = PLACEHOLDER_KEY
         self.name = f"{spec.provider}:{spec.model}"
         self.price = price_for(spec.model, spec, batch=spec.batch_api)
-        self.guard = CallGuard(spec, policy=policy, clock=clock, sleep=sleep, rng=rng, secrets=[key])
+        self.guard = CallGuard(spec, policy=policy, clock=clock, sleep=sleep, rng=rng, secrets=[key],
+                               limiter=limiter)
         self.json_mode_fallback = json_mode_fallback
         self._schema_supported = True
         self._client = AsyncOpenAI(
@@ -146,7 +149,7 @@ class OpenAIProvider(Provider):
         response, text, input_tokens, output_tokens = await self.guard.run(
             attempt, classify=self._classify, describe=f"{self.where} ({request.purpose})", tokens=reserved
         )
-        self.guard.limiter.settle(reserved, input_tokens + output_tokens)
+        await self.guard.limiter.settle(reserved, input_tokens + output_tokens)
         return Completion(
             text=text,
             input_tokens=input_tokens,

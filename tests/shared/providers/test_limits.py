@@ -78,10 +78,10 @@ async def test_settle_returns_overestimated_tokens() -> None:
     clock = FakeClock()
     limiter = RateLimiter(RateLimits(tokens_per_minute=600), clock=clock, sleep=clock.sleep)
     await limiter.acquire(10)
-    limiter.settle(reserved=10, used=4)  # 6 tokens back
+    await limiter.settle(reserved=10, used=4)  # 6 tokens back
     await limiter.acquire(6)
     assert clock() == 0
-    limiter.settle(reserved=6, used=16)  # 10 more used than reserved: debt
+    await limiter.settle(reserved=6, used=16)  # 10 more used than reserved: debt
     await limiter.acquire(1)
     assert clock() == pytest.approx(1.1)
 
@@ -237,6 +237,18 @@ async def test_limiter_is_acquired_before_every_attempt() -> None:
     )
     # backoff 0.25 then 0.5, each followed by the wait for the next request slot (1 request per second)
     assert attempt.calls == 3 and clock() == pytest.approx(2.0)
+
+
+async def test_a_429_pauses_every_caller_of_the_limiter() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(RateLimits(requests_per_minute=600), clock=clock, sleep=clock.sleep)
+    attempt = Flaky(1, Boom(Failure("HTTP 429", retryable=True, status=429, retry_after=5.0)))
+    with pytest.raises(ProviderError):  # no retries: this caller gives up at once ...
+        await call_with_retries(attempt, policy=RetryPolicy(max_retries=0), classify=_classify, describe="x",
+                                limiter=limiter, sleep=clock.sleep)
+    assert clock() == 0
+    # ... and every other caller of the limiter waits what the server asked
+    assert await limiter.acquire() == pytest.approx(5.0) and clock() == pytest.approx(5.0)
 
 
 async def test_secrets_are_redacted_from_errors() -> None:
