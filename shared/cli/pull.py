@@ -6,7 +6,7 @@
 * ``smollm2-135m`` and ``tiny:<preset>`` are built offline into LlamaDuo's cache (``LLAMADUO_CACHE_DIR``).
 
 Prints where the model is and its size. Run it with the same environment as the services (in Docker:
-``docker compose run --rm trainer pull MODEL``, which writes to the mounted cache volume).
+``docker compose run --rm --no-deps trainer pull MODEL``, which writes to the mounted cache volume).
 """
 
 from __future__ import annotations
