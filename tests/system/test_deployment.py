@@ -21,7 +21,7 @@ import yaml
 from llamaduo.runtime.local_servers import seaweedfs_identities
 from llamaduo.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 #: Repositories that no longer serve images (MinIO's Docker Hub repository was deleted on 2026-09-12).
@@ -74,6 +74,8 @@ def test_no_file_names_a_latest_image_or_a_deleted_repository() -> None:
     found = []
     for name in files:
         path = ROOT / name
+        if path == Path(__file__).resolve():  # names them to forbid them
+            continue
         if path.suffix not in {".py", ".md", ".yml", ".yaml", ".toml", ".txt", ""} or not path.is_file():
             continue
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
