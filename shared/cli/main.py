@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llamaduo.cli.cancel import cmd_cancel
 from llamaduo.cli.common import fail
 from llamaduo.cli.installation import cmd_asyncapi, cmd_events, cmd_ping, cmd_report, cmd_service, cmd_status
 from llamaduo.cli.migrate import cmd_demo, cmd_migrate
@@ -47,6 +48,13 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a spec file and exit")
     p.add_argument("spec")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("cancel", help="cancel a running migration: it ends 'cancelled', keeping its best round")
+    p.add_argument("id")
+    p.add_argument("--reason", help="why (shown in the migration's terminal event)")
+    p.add_argument("--wait", type=float, default=120.0,
+                   help="seconds to wait for the migration to end cancelled (0: do not wait)")
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("status", help="migrations of a running installation")
     p.add_argument("id", nargs="?")

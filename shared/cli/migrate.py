@@ -26,7 +26,10 @@ DEMO_SPEC = "invoice_demo.yaml"
 
 
 def summary(migration_id: str, final: Envelope | None) -> dict[str, Any]:
-    """The migration's outcome from its terminal event (``migration.completed`` or ``.failed``)."""
+    """The migration's outcome from its terminal event (``migration.completed`` or ``.failed``); ``status`` is
+    'completed', 'failed' or 'cancelled' (``migration.failed`` with reason ``cancelled``)."""
+    from llamaduo.contracts.events import outcome_of
+
     if final is None:
         return {"migration_id": migration_id, "status": "unknown", "rounds": []}
     p = final.payload
@@ -38,7 +41,7 @@ def summary(migration_id: str, final: Envelope | None) -> dict[str, Any]:
         "holdout": {k: round(v, 2) for k, v in r.holdout_aggregates.items()},
         "holdout_judged": r.holdout_judged, "holdout_to_judge": r.holdout_to_judge, "holdout_note": r.holdout_note,
     } for r in p.rounds]
-    out = {"migration_id": migration_id, "status": "completed" if hasattr(p, "model") else "failed",
+    out = {"migration_id": migration_id, "status": outcome_of(final),
            "rounds": rounds, "service_tokens": p.usage.tokens, "cost": round(p.usage.cost, 6),
            "simulated_teacher": p.usage.simulated}
     if hasattr(p, "model"):
@@ -47,6 +50,7 @@ def summary(migration_id: str, final: Envelope | None) -> dict[str, Any]:
     else:
         out["reason"], out["detail"] = p.reason, p.detail
         out["model"] = p.best_model.key if p.best_model else None
+        out["best_round"] = p.best_round
     return out
 
 
@@ -88,8 +92,11 @@ def print_table(summary: dict[str, Any], stream: IO[str]) -> None:
     if line := holdout_line(summary):
         console.print(line)
     if summary.get("model"):
-        console.print(f"model: {summary['model']}")
-    if summary["status"] != "completed":
+        kept = f" (best round {summary.get('best_round')}, kept)" if summary["status"] == "cancelled" else ""
+        console.print(f"model: {summary['model']}{kept}")
+    if summary["status"] == "cancelled":
+        console.print(f"cancelled: {summary.get('detail')}")
+    elif summary["status"] != "completed":
         console.print(f"reason: {summary.get('reason')}: {summary.get('detail')}")
     if summary.get("simulated_teacher"):
         console.print("teacher: simulated (offline oracle), no service LLM was called")
@@ -202,7 +209,12 @@ def cmd_migrate(args: argparse.Namespace, spec_path: Path | None = None) -> int:
         result = asyncio.run(run_migration(settings, spec, migration_id, log, args.timeout, embedded,
                                            live=not args.no_live))
     except KeyboardInterrupt:
-        print("interrupted; stopping", file=sys.stderr)
+        if embedded is not None:
+            print("interrupted; stopping the embedded installation (and its migration)", file=sys.stderr)
+        else:
+            print(f"interrupted: detached from migration {migration_id}, which keeps running on the installation; "
+                  f"`llamaduo cancel {migration_id}` stops it, `llamaduo events {migration_id} --follow` "
+                  "shows it", file=sys.stderr)
         return 130
     except TimeoutError:
         return fail(f"migration {migration_id} did not finish within {args.timeout}s")

@@ -84,7 +84,7 @@ table{border-collapse:collapse;margin:.5rem 0;font-size:.92rem}
 th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}th{background:#f3f5f7}
 td.text,th.text{text-align:left}tr.total td{font-weight:600;background:#fafbfc}
 .pass{color:#176f2c;font-weight:600}.stop{color:#a4161a;font-weight:600}.continue{color:#8a5a00}
-.outcome-completed{color:#176f2c}.outcome-failed,.outcome-max_rounds,.outcome-budget{color:#a4161a}
+.outcome-completed{color:#176f2c}.outcome-cancelled{color:#8a5a00}.outcome-failed,.outcome-max_rounds,.outcome-budget{color:#a4161a}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
 pre{background:#f6f8fa;padding:.8rem;overflow-x:auto;border-radius:4px}code{font-size:.9rem}
 .muted{color:#667}

@@ -21,7 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from llamaduo.contracts.events import Envelope, Score, Stage, Subject, Usage
+from llamaduo.contracts.events import CANCELLED_REASON, Envelope, Score, Stage, Subject, Usage, outcome_of
 
 
 def describe(env: Envelope) -> str:
@@ -44,6 +44,9 @@ def describe(env: Envelope) -> str:
         return f"synthesized {p.generated}, kept {p.kept}, removed {p.removed} ({p.provider})"
     if t == Subject.MIGRATION_COMPLETED:
         return f"completed: model {p.model.key}"
+    if t == Subject.MIGRATION_FAILED and p.reason == CANCELLED_REASON:
+        kept = f"best round {p.best_round} kept: {p.best_model.key}" if p.best_model else "no model kept"
+        return f"{p.detail or 'cancelled'}; {kept}"
     if t == Subject.MIGRATION_FAILED:
         return f"failed: {p.reason}: {p.detail}"
     return str(t)
@@ -144,7 +147,8 @@ class MigrationView:
         elif t == Subject.SYNTH_READY:
             self.usage = self.usage + p.usage
         elif t in (Subject.MIGRATION_COMPLETED, Subject.MIGRATION_FAILED):
-            self.outcome = "completed" if t == Subject.MIGRATION_COMPLETED else f"failed ({p.reason})"
+            self.outcome = {"completed": "completed", "cancelled": "cancelled"}.get(outcome_of(env),
+                                                                                   f"failed ({p.reason})")
             self.stage, self.detail = self.outcome, ""
             self.usage = p.usage
         return True
