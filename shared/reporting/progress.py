@@ -147,8 +147,8 @@ class MigrationView:
         elif t == Subject.SYNTH_READY:
             self.usage = self.usage + p.usage
         elif t in (Subject.MIGRATION_COMPLETED, Subject.MIGRATION_FAILED):
-            self.outcome = {"completed": "completed", "cancelled": "cancelled"}.get(outcome_of(env),
-                                                                                   f"failed ({p.reason})")
+            outcome = outcome_of(env)
+            self.outcome = f"failed ({p.reason})" if outcome == "failed" else outcome
             self.stage, self.detail = self.outcome, ""
             self.usage = p.usage
         return True
