@@ -111,7 +111,7 @@ def missing_key(provider: ProviderSpec, where: str) -> str | None:
 
 
 def _check_dataset(dataset: DatasetSpec, result: Preflight) -> None:
-    from llamaduo.data.datasets import DatasetError, _read_rows, load_splits
+    from llamaduo.data.datasets import DatasetError, load_splits, read_rows
 
     source = dataset.source
     if source.startswith(("s3://", "hf:")) or "://" in source:
@@ -126,7 +126,7 @@ def _check_dataset(dataset: DatasetSpec, result: Preflight) -> None:
                                    "(a relative path is read from the spec's folder)")
             return
     try:
-        rows = _read_rows(source, None)
+        rows = read_rows(source)
     except DatasetError as err:
         result.problems.append(str(err))
         return

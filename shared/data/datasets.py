@@ -37,7 +37,9 @@ class Splits(BaseModel):
     """Judged once at the end with the chosen model, reported beside the gate score, never used for a decision."""
 
 
-def _read_rows(source: str, fetch_s3: Callable[[str], bytes] | None) -> list[dict[str, Any]]:
+def read_rows(source: str, fetch_s3: Callable[[str], bytes] | None = None) -> list[dict[str, Any]]:
+    """The rows of ``dataset.source`` as dicts (a local file, ``package:``, ``hf:``, or ``s3://`` with
+    ``fetch_s3``), before any column mapping or splitting; raises :class:`DatasetError` naming the source."""
     if source.startswith("s3://"):
         if fetch_s3 is None:
             raise DatasetError(f"dataset.source {source}: no artifact store to read s3:// from")
@@ -138,7 +140,7 @@ def load_splits(spec: DatasetSpec, fetch_s3: Callable[[str], bytes] | None = Non
     :func:`_holdout`) and train (the rest; ``coverage`` is ``train_size`` of it, the rest are seeds). An
     instruction of eval or holdout is never in train.
     """
-    rows = _read_rows(spec.source, fetch_s3)
+    rows = read_rows(spec.source, fetch_s3)
     if not rows:
         raise DatasetError(f"dataset.source {spec.source}: no rows")
     examples: list[tuple[Example, str | None]] = []
