@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from llamaduo.bus.kv_cell import KVCell
 from llamaduo.contracts.spec import BudgetSpec
 from llamaduo.providers.base import Completion, CompletionRequest, Provider, ProviderError, estimate_tokens
 from llamaduo.providers.pricing import FREE_PROVIDERS
@@ -108,48 +109,24 @@ class MemoryLedger(SpendLedger):
 
 
 class KVLedger(SpendLedger):
-    """A ledger in a JetStream KV entry (``{"tokens": int, "cost": float}``), updated by compare-and-set."""
+    """A ledger in a JetStream KV entry (``{"tokens": int, "cost": float}``), changed by compare-and-set
+    (:class:`~llamaduo.bus.kv_cell.KVCell`). A refused reservation writes the value it read back unchanged:
+    the write succeeds only if that value was current, so a refusal is never decided on a stale copy."""
 
     def __init__(self, kv: Any, key: str, *, max_conflicts: int = 1000) -> None:
-        self.kv = kv
         self.key = key
-        self.max_conflicts = max_conflicts
-
-    async def _read(self) -> tuple[Spend, int | None]:
-        from nats.js.errors import KeyNotFoundError
-
-        try:
-            entry = await self.kv.get(self.key)
-        except KeyNotFoundError:
-            return Spend(), None
-        if not entry.value:
-            return Spend(), entry.revision
-        data = json.loads(entry.value)
-        return Spend(int(data.get("tokens", 0)), float(data.get("cost", 0.0))), entry.revision
-
-    async def _write(self, value: Spend, revision: int | None) -> bool:
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        data = json.dumps({"tokens": value.tokens, "cost": value.cost}).encode()
-        try:
-            if revision is None:
-                await self.kv.create(self.key, data)
-            else:
-                await self.kv.update(self.key, data, last=revision)
-        except KeyWrongLastSequenceError:
-            return False
-        return True
+        self.cell: KVCell[Spend] = KVCell(kv, key, what="spend ledger", decode=_decode_spend, encode=_encode_spend,
+                                          max_conflicts=max_conflicts)
 
     async def _change(self, tokens: int, cost: float, budget: BudgetSpec | None) -> bool:
-        for _ in range(self.max_conflicts):
-            current, revision = await self._read()
+        def apply(current: Spend | None) -> tuple[Spend, bool]:
+            current = current or Spend()
             after = current.plus(tokens, cost)
             if budget is not None and not after.within(budget):
-                return False
-            if await self._write(after, revision):
-                return True
-            await asyncio.sleep(0)  # another worker changed it first: read again
-        raise ProviderError(f"spend ledger {self.key}: too many concurrent updates", retryable=True)
+                return current, False
+            return after, True
+
+        return await self.cell.change(apply)
 
     async def reserve(self, tokens: int, cost: float, budget: BudgetSpec) -> bool:
         return await self._change(tokens, cost, budget)
@@ -158,7 +135,16 @@ class KVLedger(SpendLedger):
         await self._change(tokens, cost, None)
 
     async def spent(self) -> Spend:
-        return (await self._read())[0]
+        return (await self.cell.read())[0] or Spend()
+
+
+def _decode_spend(data: bytes) -> Spend:
+    value = json.loads(data)
+    return Spend(int(value.get("tokens", 0)), float(value.get("cost", 0.0)))
+
+
+def _encode_spend(spend: Spend) -> bytes:
+    return json.dumps({"tokens": spend.tokens, "cost": spend.cost}).encode()
 
 
 def spend_bucket(stream_name: str) -> str:

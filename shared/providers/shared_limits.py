@@ -56,16 +56,15 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar
+from typing import Any
 
+from llamaduo.bus.kv_cell import KVCell
 from llamaduo.contracts.spec import ProviderSpec, RateLimits, TaskSpec
-from llamaduo.providers.base import Provider, ProviderError, make_provider
+from llamaduo.providers.base import Provider, make_provider
 from llamaduo.providers.retries import Clock, Sleep
 
 log = logging.getLogger(__name__)
 
-V = TypeVar("V")
-R = TypeVar("R")
 
 #: Providers whose limits belong to an account reached over the network (shared by all replicas). A
 #: ``local`` model runs in each replica, so its limits stay per process; ``simulated`` has none.
@@ -86,100 +85,6 @@ def account_key(spec: ProviderSpec) -> str:
         spec.model,
     ]
     return "acct-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:40]
-
-
-# ------------------------------------------------------------------------------------------ compare-and-set
-
-
-class KVCell(Generic[V]):
-    """One JetStream KV entry changed only by compare-and-set, shared by every process that opens it.
-
-    :meth:`change` applies a pure function to the current value and writes the result naming the revision
-    it read; when another process wrote first it reads again and retries after a jittered sleep, at most
-    ``max_conflicts`` times. Callers in one process take turns (an :class:`asyncio.Lock`), so only processes
-    race. The value and revision of this cell's own last write are kept, so a process that
-    wrote last needs no read (one round trip). ``round_trips`` and ``conflicts`` count for measurements.
-    (The spend ledger's :class:`~llamaduo.providers.budget.KVLedger` does the same loop and could use this.)
-    """
-
-    def __init__(
-        self,
-        kv: Any,
-        key: str,
-        *,
-        decode: Callable[[bytes], V],
-        encode: Callable[[V], bytes],
-        max_conflicts: int = 32,
-        sleep: Sleep | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.kv = kv
-        self.key = key
-        self.decode = decode
-        self.encode = encode
-        self.max_conflicts = max_conflicts
-        self._sleep = sleep or asyncio.sleep
-        self._rng = rng or random.Random()
-        self._known: tuple[V | None, int | None] | None = None
-        self._lock = asyncio.Lock()
-        self.round_trips = 0
-        self.conflicts = 0
-
-    async def read(self) -> tuple[V | None, int | None]:
-        """The current value and its revision (``(None, None)`` when there is no entry)."""
-        from nats.js.errors import KeyNotFoundError
-
-        self.round_trips += 1
-        try:
-            entry = await self.kv.get(self.key)
-        except KeyNotFoundError:
-            return None, None
-        return (self.decode(entry.value) if entry.value else None), entry.revision
-
-    async def _write(self, value: V, revision: int | None) -> int | None:
-        """The new revision, or None when ``revision`` is no longer the entry's."""
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        self.round_trips += 1
-        data = self.encode(value)
-        try:
-            if revision is None:
-                return int(await self.kv.create(self.key, data))
-            return int(await self.kv.update(self.key, data, last=revision))
-        except KeyWrongLastSequenceError:
-            return None
-
-    async def change(self, apply: Callable[[V | None], tuple[V, R]]) -> R:
-        """Write ``apply(current)[0]`` by compare-and-set and return ``apply(current)[1]``.
-
-        Callers in this process take turns (only other processes race for the entry). Raise a retryable
-        :class:`ProviderError` when NATS cannot be reached or the entry stayed contended for ``max_conflicts``
-        attempts."""
-        async with self._lock:
-            return await self._change(apply)
-
-    async def _change(self, apply: Callable[[V | None], tuple[V, R]]) -> R:
-        import nats.errors
-
-        try:
-            for attempt in range(self.max_conflicts):
-                cached = self._known is not None
-                current, revision = self._known if self._known is not None else await self.read()
-                value, result = apply(current)
-                written = await self._write(value, revision)
-                if written is not None:
-                    self._known = (value, written)
-                    return result
-                self._known = None
-                if not cached:  # a stale copy of our own write is read again at once; a lost race waits
-                    self.conflicts += 1
-                    await self._sleep(self._rng.uniform(0, min(0.05, 0.001 * 2**attempt)))
-        except (nats.errors.Error, OSError) as err:
-            self._known = None
-            raise ProviderError(f"shared rate limit {self.key}: NATS KV unavailable ({type(err).__name__}: {err})",
-                                retryable=True) from None
-        raise ProviderError(f"shared rate limit {self.key}: still contended after {self.max_conflicts} attempts",
-                            retryable=True)
 
 
 # ------------------------------------------------------------------------------------------ the schedule
@@ -276,8 +181,9 @@ class SharedRateLimiter:
         self.schedule = Schedule.of(limits, request_burst, token_burst)
         self._clock = clock or time.time
         self._sleep = sleep or asyncio.sleep
-        self.cell: KVCell[RateState] = KVCell(kv, key, decode=RateState.from_bytes, encode=RateState.to_bytes,
-                                              max_conflicts=max_conflicts, sleep=sleep, rng=rng)
+        self.cell: KVCell[RateState] = KVCell(kv, key, what="shared rate limit", decode=RateState.from_bytes,
+                                              encode=RateState.to_bytes, max_conflicts=max_conflicts, sleep=sleep,
+                                              rng=rng)
         self._semaphore = asyncio.Semaphore(limits.max_concurrency)
         self.calls = 0
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import nats
 import pytest
+from support.bus import stored_events
 from support.specs import triage_spec
 
-from llamaduo.contracts.events import CANCELLED_REASON, Subject, parse_event
+from llamaduo.contracts.events import CANCELLED_REASON, Subject
 from llamaduo.runtime.embedded import Embedded
 from llamaduo.storage.keys import migration_key
 from llamaduo.storage.store import ArtifactStore
@@ -26,22 +27,6 @@ pytestmark = pytest.mark.slow
 MIGRATION = "m-cancel"
 QUIET_S = 6.0
 
-
-async def stored_events(env: Embedded) -> list:
-    """Every event in the stream, in stream order (dead letters left out)."""
-    nc = await nats.connect(env.settings.nats_url)
-    js = nc.jetstream()
-    last = (await js.stream_info(env.settings.stream_name)).state.last_seq
-    sub = await js.subscribe(">", stream=env.settings.stream_name, ordered_consumer=True)
-    out = []
-    while True:
-        msg = await sub.next_msg(timeout=10)
-        if not msg.subject.startswith("dlq."):
-            out.append(parse_event(msg.data))
-        if msg.metadata.sequence.stream >= last:
-            break
-    await nc.close()
-    return out
 
 
 def cli(env: Embedded, *args: str) -> subprocess.CompletedProcess:
@@ -76,7 +61,7 @@ async def cancel_while_round_one_trains(env: Embedded, spec: dict) -> dict:
     again = await asyncio.to_thread(cli, env, "cancel", MIGRATION)
     status = await asyncio.to_thread(cli, env, "status", MIGRATION)
     return {"done": done, "took": took, "new_objects": later - at_end, "again": again, "status": status,
-            "events": await stored_events(env)}
+            "events": await stored_events(env.settings)}
 
 
 def test_cancel_mid_round_one_keeps_round_zero_and_stops_every_service(tmp_path: Path, triage_data: Path) -> None:

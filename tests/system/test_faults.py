@@ -17,9 +17,10 @@ from pathlib import Path
 
 import nats
 import pytest
+from support.bus import stored_events
 from support.specs import triage_spec
 
-from llamaduo.contracts.events import Subject, parse_event
+from llamaduo.contracts.events import Subject
 from llamaduo.runtime.embedded import Embedded
 
 pytestmark = pytest.mark.slow
@@ -56,21 +57,6 @@ def terminate(name: str, stopped: list[tuple[str, int, float]]) -> Fault:
     return fault
 
 
-async def _stored_events(env: Embedded) -> list:
-    nc = await nats.connect(env.settings.nats_url)
-    js = nc.jetstream()
-    last = (await js.stream_info(env.settings.stream_name)).state.last_seq
-    sub = await js.subscribe(">", stream=env.settings.stream_name, ordered_consumer=True)
-    out = []
-    while True:
-        msg = await sub.next_msg(timeout=10)
-        if not msg.subject.startswith("dlq."):
-            out.append(parse_event(msg.data))
-        if msg.metadata.sequence.stream >= last:
-            break
-    await nc.close()
-    return out
-
 
 Step = tuple[Subject, int, Fault]
 
@@ -102,7 +88,7 @@ async def _run(env: Embedded, spec_: dict, steps: list[Step], timeout: float) ->
         await asyncio.sleep(0.5)
     await nc.close()
     assert not pending, f"faults never injected: {pending}"
-    return await _stored_events(env)
+    return await stored_events(env.settings)
 
 
 def check_complete_and_exactly_once(events: list) -> None:
