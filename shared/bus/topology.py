@@ -49,6 +49,12 @@ def stream_config(settings: Settings) -> StreamConfig:
     return StreamConfig(**stream_fields(settings))
 
 
+def routes_bucket(stream_name: str) -> str:
+    """KV bucket of the gateway's route states (one entry per route, key: the route name, value: a
+    :class:`llamaduo.contracts.routes.RouteState` as JSON); every gateway replica watches it."""
+    return f"{stream_name}_ROUTES"
+
+
 def rate_limit_bucket(settings: Settings) -> str:
     """KV bucket of the provider rate limits shared by every replica (one entry per provider account, see
     :mod:`llamaduo.providers.shared_limits`)."""

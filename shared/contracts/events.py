@@ -16,7 +16,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llamaduo.contracts.gateway import (
+    RouteChanged,
+    RouteDegraded,
+    RouteFallback,
+    ShadowRequest,
+    ShadowScored,
+    TrafficLogged,
+)
+from llamaduo.contracts.routes import validate_route_name
 
 SCHEMA_VERSION = 1
 
@@ -56,13 +66,20 @@ class Subject(StrEnum):
     EVAL_SCORED = "eval.scored"
     SYNTH_REQUEST = "synth.request"
     SYNTH_READY = "synth.ready"
+    # the gateway's events (payloads in llamaduo.contracts.gateway; envelopes carry ``route``)
+    TRAFFIC_LOGGED = "traffic.logged"
+    ROUTE_CHANGED = "route.changed"
+    ROUTE_FALLBACK = "route.fallback"
+    ROUTE_DEGRADED = "route.degraded"
+    SHADOW_REQUEST = "shadow.request"
+    SHADOW_SCORED = "shadow.scored"
 
 
 #: The subjects a migration ends on: exactly one of them, once, is its last event.
 TERMINAL_SUBJECTS = (Subject.MIGRATION_COMPLETED, Subject.MIGRATION_FAILED)
 
 #: Subject families stored in the JetStream stream (plus the dead-letter family).
-SUBJECT_FAMILIES = ("migration", "train", "infer", "judge", "eval", "synth")
+SUBJECT_FAMILIES = ("migration", "train", "infer", "judge", "eval", "synth", "traffic", "route", "shadow")
 DEAD_LETTER_FAMILY = "dlq"
 
 
@@ -357,6 +374,12 @@ PAYLOADS: dict[Subject, type[BaseModel]] = {
     Subject.EVAL_SCORED: EvalScored,
     Subject.SYNTH_REQUEST: SynthRequest,
     Subject.SYNTH_READY: SynthReady,
+    Subject.TRAFFIC_LOGGED: TrafficLogged,
+    Subject.ROUTE_CHANGED: RouteChanged,
+    Subject.ROUTE_FALLBACK: RouteFallback,
+    Subject.ROUTE_DEGRADED: RouteDegraded,
+    Subject.SHADOW_REQUEST: ShadowRequest,
+    Subject.SHADOW_SCORED: ShadowScored,
 }
 
 # --------------------------------------------------------------------------------------------- envelope
@@ -365,24 +388,46 @@ P = TypeVar("P")
 
 
 class Envelope(BaseModel, Generic[P]):
-    """The one envelope every message carries."""
+    """The one envelope every message carries: a migration's (``migration_id``) or a gateway route's
+    (``route``, plus ``migration_id`` when it concerns one, e.g. a promotion). At least one of the two is set."""
 
     model_config = ConfigDict(extra="forbid")
 
     event_id: str = Field(description="Idempotency key; also the Nats-Msg-Id header")
-    migration_id: str
+    migration_id: str | None = Field(default=None, description="The migration it belongs to, if any")
+    route: str | None = Field(default=None, description="The gateway route it belongs to, if any")
     round: int = Field(default=0, ge=0)
     type: Subject = Field(description="The subject name without prefix")
     schema_version: int = SCHEMA_VERSION
     occurred_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    correlation_id: str = Field(description="The migration's first event id; the same for every event of it")
+    correlation_id: str = Field(
+        description="The migration's first event id (the same for every event of it); a route event's: the route")
     causation_id: str | None = Field(default=None, description="event_id of the message that caused this one")
     payload: P
 
     @field_validator("migration_id")
     @classmethod
-    def _check_id(cls, value: str) -> str:
-        return validate_migration_id(value)
+    def _check_id(cls, value: str | None) -> str | None:
+        return None if value is None else validate_migration_id(value)
+
+    @field_validator("route")
+    @classmethod
+    def _check_route(cls, value: str | None) -> str | None:
+        return None if value is None else validate_route_name(value)
+
+    @model_validator(mode="after")
+    def _belongs_somewhere(self) -> Envelope[P]:
+        if self.migration_id is None and self.route is None:
+            raise ValueError("an envelope needs a migration_id (migration events) or a route (gateway events)")
+        return self
+
+    def require_migration_id(self) -> str:
+        """The migration id, for handlers of migration events; raises ``ValueError`` naming the event when a
+        route event without one reached a migration handler (a wiring mistake, not a user's)."""
+        if self.migration_id is None:
+            raise ValueError(f"{self.type} event {self.event_id} (route {self.route!r}) has no migration_id, "
+                             "but its handler needs one: only migration events belong there")
+        return self.migration_id
 
     @field_validator("schema_version")
     @classmethod
@@ -401,6 +446,7 @@ class Envelope(BaseModel, Generic[P]):
         return Envelope(
             event_id=deterministic_id(self.event_id, type_, r, key) if key else uuid.uuid4().hex,
             migration_id=self.migration_id,
+            route=self.route,
             round=r,
             type=type_,
             correlation_id=self.correlation_id,
@@ -438,6 +484,21 @@ def cancel_envelope(migration_id: str, correlation_id: str, reason: str = "", re
     )
 
 
+def route_envelope(type_: Subject, payload: BaseModel, route: str, *, migration_id: str | None = None,
+                   key: str = "") -> Envelope:
+    """A gateway event of ``route`` (its correlation id: the route name). ``key`` makes the event id
+    deterministic (e.g. the request id of ``traffic.logged``), so a re-publish is dropped by JetStream."""
+    return Envelope(
+        event_id=deterministic_id("route", route, type_, key) if key else uuid.uuid4().hex,
+        migration_id=migration_id,
+        route=route,
+        round=0,
+        type=type_,
+        correlation_id=route,
+        payload=payload,
+    )
+
+
 def outcome_of(final: Envelope) -> str:
     """'completed', 'cancelled' or 'failed': the outcome a terminal event announces."""
     if final.type == Subject.MIGRATION_COMPLETED:
@@ -460,6 +521,12 @@ MigrationProgressEvent = Envelope[MigrationProgress]
 MigrationCompletedEvent = Envelope[MigrationCompleted]
 MigrationFailedEvent = Envelope[MigrationFailed]
 MigrationCancelEvent = Envelope[MigrationCancel]
+TrafficLoggedEvent = Envelope[TrafficLogged]
+RouteChangedEvent = Envelope[RouteChanged]
+RouteFallbackEvent = Envelope[RouteFallback]
+RouteDegradedEvent = Envelope[RouteDegraded]
+ShadowRequestEvent = Envelope[ShadowRequest]
+ShadowScoredEvent = Envelope[ShadowScored]
 
 
 def parse_event(data: bytes | str | dict[str, Any]) -> Envelope:

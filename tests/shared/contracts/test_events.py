@@ -58,6 +58,6 @@ def test_envelope_json_has_documented_fields():
     env = start_envelope("m-1", {"a": 1})
     assert set(Envelope.model_fields) == {
         "event_id", "migration_id", "round", "type", "schema_version", "occurred_at", "correlation_id",
-        "causation_id", "payload",
+        "causation_id", "payload", "route",
     }
     assert env.model_dump(mode="json")["type"] == "migration.start"

@@ -1,0 +1,78 @@
+"""Route state: promotion, rollback with a bounded history, and the sticky canary split."""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from llamaduo.contracts.routes import HISTORY_LIMIT, RouteState, assign, promote, rollback
+
+
+def test_a_route_never_promoted_is_answered_upstream():
+    assert assign(RouteState(), "user-1") == "upstream"
+
+
+def test_modes_off_shadow_full():
+    assert assign(promote(None, "m-1", "shadow"), "u") == "upstream"  # shadow: only compared
+    full = promote(None, "m-1", "full")
+    assert full.percent == 100 and all(assign(full, f"u{i}") == "local" for i in range(100))
+    assert assign(promote(full, "m-1", "off"), "u") == "upstream"
+
+
+def test_canary_is_sticky_per_key():
+    state = promote(None, "m-1", "canary", 30)
+    sides = {f"user-{i}": assign(state, f"user-{i}") for i in range(500)}
+    for _ in range(3):
+        assert {k: assign(state, k) for k in sides} == sides
+    # a state read back from the KV entry decides the same way (no process-local salt)
+    again = RouteState.from_bytes(state.to_bytes())
+    assert {k: assign(again, k) for k in sides} == sides
+
+
+@pytest.mark.parametrize("percent", [1, 10, 50, 90])
+def test_canary_share_over_10000_keys_is_within_one_and_a_half_points(percent):
+    state = promote(None, "m-7", "canary", percent)
+    local = sum(assign(state, f"conversation-{i}") == "local" for i in range(10_000))
+    # binomial sd at p=0.5, n=10000 is 0.5 points: 1.5 points is three sd
+    assert abs(local / 100 - percent) <= 1.5, local
+
+
+def test_canary_percent_must_be_above_zero():
+    with pytest.raises(ValueError, match="percent above 0"):
+        promote(None, "m-1", "canary", 0)
+    with pytest.raises(ValueError, match="percent above 0"):
+        promote(None, "m-1", "canary", 101)
+
+
+def test_a_new_version_reshuffles_the_canary_but_keeps_its_share():
+    a = promote(None, "m-a", "canary", 50)
+    b = promote(a, "m-b", "canary", 50)
+    keys = [f"u{i}" for i in range(2000)]
+    differ = sum(assign(a, k) != assign(b, k) for k in keys)
+    assert 800 < differ < 1200  # independent halves disagree about half the time
+
+
+def test_rollback_returns_to_the_previous_version_as_it_was():
+    first = promote(None, "m-1", "canary", 20, local_model="invoice-1", adapter_key="m/m-1/adapter")
+    second = promote(first, "m-2", "full", local_model="invoice-2")
+    assert second.version == "m-2" and [h.version for h in second.history] == ["m-1"]
+    back = rollback(second)
+    assert (back.version, back.mode, back.percent, back.local_model, back.adapter_key) == (
+        "m-1", "canary", 20, "invoice-1", "m/m-1/adapter")
+    assert back.history == []
+    off = rollback(back)
+    assert off.mode == "off" and off.version is None and assign(off, "u") == "upstream"
+
+
+def test_promoting_the_same_version_again_changes_mode_without_history():
+    canary = promote(None, "m-1", "canary", 5)
+    full = promote(canary, "m-1", "full")
+    assert full.mode == "full" and full.history == []
+
+
+def test_history_is_bounded():
+    state = None
+    for i in range(HISTORY_LIMIT + 5):
+        state = promote(state, f"m-{i}", "full", now=datetime(2025, 1, 1, tzinfo=UTC))
+    assert len(state.history) == HISTORY_LIMIT
+    assert state.history[0].version == "m-4" and state.history[-1].version == f"m-{HISTORY_LIMIT + 3}"
+    assert len(promote(state, "m-x", "full", keep=3).history) == 3
