@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         "migration's own 'migrations/<id>/' (e.g. 'datasets/')",
     )
 
+    # Observability
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="Port of the service's Prometheus /metrics exporter; 0 (the default) serves none",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address the /metrics exporter listens on")
+
     # Local
     work_dir: Path = Field(default=Path(".data/work"), description="Scratch space for models and datasets")
     log_level: str = "INFO"

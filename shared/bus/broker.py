@@ -9,6 +9,7 @@
 - A message of a cancelled migration (see :mod:`llamaduo.bus.cancellation`) is acked and skipped before its
   handler runs; work that stops because its migration was cancelled is acked too, and no non-terminal event
   of a cancelled migration is published.
+- Every delivery is counted and timed (:mod:`llamaduo.runtime.metrics`: by subject and outcome).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from llamaduo.contracts.events import (
     dead_letter_subject,
 )
 from llamaduo.errors import SpecError
+from llamaduo.runtime import metrics
 from llamaduo.settings import Settings
 
 log = logging.getLogger("llamaduo.bus.broker")
@@ -143,6 +145,7 @@ class Bus:
         )
         target = self.settings.subject(dead_letter_subject(self.settings.unprefixed(subject)))
         await self.broker.publish(letter.model_dump_json().encode(), target, stream=self.stream.name)
+        metrics.dead_lettered(self.settings.unprefixed(subject))
         log.warning("dead-lettered", extra={"subject": subject, "reason": reason[:300], "deliveries": deliveries})
 
     # ------------------------------------------------------------------------------ consuming
@@ -161,6 +164,7 @@ class Bus:
         if self.settings.ack_wait_seconds:
             delivery = replace(delivery, ack_wait=self.settings.ack_wait_seconds)
         self._policies[full] = delivery
+        metrics.declare_subject(self.settings.unprefixed(full))
         return self.broker.subscriber(
             full,
             stream=self.stream,
@@ -183,6 +187,7 @@ class Bus:
                 subject = getattr(msg.raw_message, "subject", "") or ""
                 policy = bus._policies.get(subject, Delivery())
                 attempt = _deliveries(msg)
+                name = bus.settings.unprefixed(subject)  # the metrics' label: bounded, the same in every installation
                 await bus.cancelled.start()
                 # the command that ends a cancelled migration must reach the controller even after a crash
                 # between marking it cancelled and publishing its terminal event
@@ -190,42 +195,51 @@ class Bus:
                     log.info("skipped: migration cancelled", extra={
                         "service": bus.service, "subject": subject, "migration_id": migration_of(msg.body)})
                     await msg.ack()
+                    metrics.delivered(name, "skipped", attempt)
                     return None
                 heartbeat = asyncio.create_task(_keep_alive(msg, policy.ack_wait))
                 try:
-                    result = await _cancellable(call_next, msg, bus.cancelled)
+                    with metrics.working(name):
+                        result = await _cancellable(call_next, msg, bus.cancelled)
                 except MigrationCancelled as err:
                     log.info("work stopped: migration cancelled", extra={
                         "service": bus.service, "subject": subject, "migration_id": migration_of(msg.body),
                         "why": str(err)[:300]})
                     await msg.ack()
+                    metrics.delivered(name, "skipped", attempt)
                     return None
                 except ValidationError as err:
                     await bus.dead_letter(subject, msg.body, f"schema: {_short(err)}", attempt)
                     await msg.reject()
+                    metrics.delivered(name, "dead-lettered", attempt)
                     return None
                 except WorkReturned as err:
                     log.info("in-flight work returned for redelivery",
                              extra={"subject": subject, "attempt": attempt, "why": str(err)})
                     await msg.nack()
+                    metrics.delivered(name, "returned", attempt)
                     return None
                 except (PermanentError, SpecError) as err:  # a spec that cannot work stays so: no retries
                     await bus.dead_letter(subject, msg.body, f"permanent: {err}", attempt)
                     await msg.reject()
+                    metrics.delivered(name, "dead-lettered", attempt)
                     return None
                 except Exception as err:
                     if attempt >= policy.max_deliver:
                         await bus.dead_letter(subject, msg.body, f"error after {attempt} deliveries: "
                                               f"{type(err).__name__}: {err}", attempt)
                         await msg.reject()
+                        metrics.delivered(name, "dead-lettered", attempt)
                     else:
                         log.warning("handler failed; will retry", exc_info=True,
                                     extra={"subject": subject, "attempt": attempt})
                         await msg.nack(delay=policy.delay(attempt))
+                        metrics.delivered(name, "retried", attempt)
                     return None
                 finally:
                     heartbeat.cancel()
                 await msg.ack()
+                metrics.delivered(name, "ok", attempt)
                 return result
 
         return ReliableConsume

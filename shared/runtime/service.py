@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 
 from llamaduo.bus.broker import Bus
 from llamaduo.runtime.logs import setup_logging
+from llamaduo.runtime.metrics import start_exporter
 from llamaduo.settings import Settings
 from llamaduo.storage.store import ArtifactStore
 
@@ -43,6 +44,7 @@ async def serve_until_stopped(name: str, settings: Settings) -> None:
     """Run service ``name`` until a stop signal; in-flight work finishes (graceful timeout) first."""
     setup_logging(name, settings.log_level)
     bus = build(name, settings)
+    start_exporter(settings)  # before serving: Prometheus sees the first deliveries
     store = ArtifactStore(settings)
     await asyncio.to_thread(store.ensure_bucket)
     stop = asyncio.Event()
@@ -51,7 +53,7 @@ async def serve_until_stopped(name: str, settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await bus.broker.start()
     log.info("service started", extra={"nats": settings.nats_url.split("@")[-1], "s3": settings.s3_endpoint,
-                                       "prefix": settings.subject_prefix})
+                                       "prefix": settings.subject_prefix, "metrics_port": settings.metrics_port})
     await stop.wait()
     log.info("stopping: finishing or returning in-flight work")
     bus.stopping.set()
