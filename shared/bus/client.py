@@ -28,10 +28,11 @@ TERMINAL = TERMINAL_SUBJECTS
 
 
 def upload_dataset(store: ArtifactStore, migration_id: str, spec: MigrationSpec) -> MigrationSpec:
-    """Put a local coverage file into the store and point the spec at it, so every service can read it."""
+    """Put a local coverage file into the store and point the spec at it, so every service can read it.
+    Other sources (s3://, hf:, package:, traffic:<route>) are read where they are: the spec is returned as is."""
     source = spec.dataset.source
-    if "://" in source or source.startswith(("hf:", "package:")):
-        return spec
+    if "://" in source or source.startswith(("hf:", "package:")) or spec.dataset.traffic_route is not None:
+        return spec  # read where it is (traffic:<route>: by the controller, from the captured batches)
     path = Path(source)
     store.ensure_bucket()
     key = migration_key(migration_id, "upload", "coverage" + path.suffix)

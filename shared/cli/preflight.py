@@ -114,6 +114,10 @@ def _check_dataset(dataset: DatasetSpec, result: Preflight) -> None:
     from llamaduo.data.datasets import DatasetError, load_splits, read_rows
 
     source = dataset.source
+    if dataset.traffic_route is not None:
+        result.unchecked.append(f"dataset.source {source}: the gateway's captured traffic is read when the "
+                                "migration starts (the controller reads it from the artifact store)")
+        return
     if source.startswith(("s3://", "hf:")) or "://" in source:
         result.unchecked.append(f"dataset.source {source}: not read before start (the controller reads it); "
                                 "its columns and sizes are checked when the migration starts")

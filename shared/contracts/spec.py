@@ -15,7 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llamaduo.contracts.routes import validate_route_name
 from llamaduo.errors import SpecError
+
+#: ``dataset.source`` prefix of a dataset read from a gateway route's captured traffic (``traffic:<route>``).
+TRAFFIC_SOURCE_PREFIX = "traffic:"
 
 
 class _Strict(BaseModel):
@@ -41,10 +45,26 @@ class TaskSpec(_Strict):
         return value
 
 
+class TrafficSourceSpec(_Strict):
+    """How a ``traffic:<route>`` source reads the gateway's captured requests (answered by the upstream)."""
+
+    since_hours: float = Field(
+        default=168.0, gt=0, description="Window: requests captured in the last this many hours (default a week)")
+    max_rows: int | None = Field(
+        default=None, ge=1, description="Cap on rows kept after deduplication (a seeded sample); none: all")
+    sample_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="Share of the captured requests kept (seeded), before max_rows")
+    seed: int = Field(default=0, description="Seed of the sample: the same seed and traffic give the same rows")
+
+
 class DatasetSpec(_Strict):
     source: str = Field(
-        description="Local path (.jsonl/.json/.parquet/.csv), s3://bucket/key, 'package:' resource, or hf:org/name"
+        description="Local path (.jsonl/.json/.parquet/.csv), s3://bucket/key, 'package:' resource, hf:org/name, "
+        "or traffic:<route> (the gateway's captured requests of a route that the service LLM answered; see "
+        "dataset.traffic)"
     )
+    traffic: TrafficSourceSpec | None = Field(
+        default=None, description="Window and sample of a traffic:<route> source (defaults when left out)")
     instruction_column: str = Field(
         default="instruction", description="Column holding the prompt text the student gets (one user turn)")
     response_column: str = Field(
@@ -69,6 +89,24 @@ class DatasetSpec(_Strict):
     )
     seed: int = Field(
         default=0, description="Random seed of the splits and samples: the same seed and data give the same splits")
+
+    @property
+    def traffic_route(self) -> str | None:
+        """The route of a ``traffic:<route>`` source, else None."""
+        return self.source[len(TRAFFIC_SOURCE_PREFIX):] if self.source.startswith(TRAFFIC_SOURCE_PREFIX) else None
+
+    @model_validator(mode="after")
+    def _traffic_source(self) -> DatasetSpec:
+        route = self.traffic_route
+        if route is not None:
+            try:
+                validate_route_name(route)
+            except ValueError as err:
+                raise ValueError(f"dataset.source {self.source!r}: {err}") from None
+        elif self.traffic is not None:
+            raise ValueError(f"dataset.traffic is set but dataset.source {self.source!r} is not a traffic:<route> "
+                             "source: remove dataset.traffic or set dataset.source: traffic:<route>")
+        return self
 
 
 class LoraSpec(_Strict):
@@ -398,6 +436,24 @@ class ServeSpec(_Strict):
     )
 
 
+class PromotionSpec(_Strict):
+    """Put the migration's model behind a gateway route once it completes (``llamaduo gateway``)."""
+
+    route: str = Field(description="The gateway route (the 'model' name clients pass) that gets the model")
+    mode: Literal["shadow", "canary", "full"] = Field(
+        default="shadow", description="shadow: the service LLM still answers, the model's answers are compared; "
+        "canary: canary_percent of users are answered by the model; full: the model answers everyone")
+    canary_percent: float = Field(
+        default=10.0, gt=0, le=100, description="Share of users (sticky per user) the model answers in canary mode")
+    when: Literal["completed"] = Field(default="completed", description="When to promote: when the migration "
+                                       "completes (passes its gate)")
+
+    @field_validator("route")
+    @classmethod
+    def _route_name(cls, value: str) -> str:
+        return validate_route_name(value)
+
+
 class MigrationSpec(_Strict):
     """A whole migration. See ``docs/spec.md`` for every field."""
 
@@ -411,6 +467,8 @@ class MigrationSpec(_Strict):
         default_factory=SynthesisSpec, description="How the teacher makes new training data between rounds")
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Limits of rounds, service tokens and cost")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serve the chosen model after completion")
+    promotion: PromotionSpec | None = Field(
+        default=None, description="Promote the chosen model on a gateway route when the migration completes")
 
     @property
     def judge_llm(self) -> ProviderSpec:

@@ -1,4 +1,5 @@
-"""Coverage datasets: load from a file, S3 or the hub, map columns, split train / eval / holdout.
+"""Coverage datasets: load from a file, S3, the hub or captured gateway traffic, map columns, split train / eval /
+holdout.
 
 Rows are checked one by one; a dataset with bad rows is refused with the row numbers and what is wrong.
 """
@@ -9,14 +10,18 @@ import csv
 import json
 import random
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from llamaduo.contracts.spec import DatasetSpec
 from llamaduo.data.examples import Example, example_id
 from llamaduo.errors import DataError
+
+if TYPE_CHECKING:
+    from llamaduo.data.traffic import TrafficStore
 
 #: Values accepted in the split column ('eval' and 'test' name the same split).
 SPLIT_NAMES = ("train", "test", "eval", "holdout")
@@ -132,15 +137,36 @@ def _holdout(spec: DatasetSpec, train: list[Example], coverage: list[Example]) -
     return random.Random(spec.seed + 2).sample(pool, wanted) if wanted > 0 else []
 
 
-def load_splits(spec: DatasetSpec, fetch_s3: Callable[[str], bytes] | None = None) -> Splits:
+def _traffic_source_rows(spec: DatasetSpec, store: TrafficStore | None,
+                         now: datetime | None) -> tuple[list[dict[str, Any]], DatasetSpec]:
+    """The rows of a ``traffic:<route>`` source and the column mapping they come in."""
+    from llamaduo.data.traffic import traffic_rows
+
+    route = spec.traffic_route
+    assert route is not None
+    if store is None:
+        raise DatasetError(f"dataset.source {spec.source}: no artifact store to read captured traffic from")
+    mapping = spec.model_copy(update={"instruction_column": "instruction", "response_column": "response",
+                                      "messages_column": None, "split_column": None})
+    return traffic_rows(store, route, spec.traffic, now=now), mapping
+
+
+def load_splits(spec: DatasetSpec, fetch_s3: Callable[[str], bytes] | None = None, *,
+                traffic_store: TrafficStore | None = None, now: datetime | None = None) -> Splits:
     """Load, validate and split the coverage dataset. Deterministic for a given ``spec.seed``.
+
+    A ``traffic:<route>`` source is read from ``traffic_store`` (the artifact store; :mod:`llamaduo.data.traffic`:
+    the upstream's answers of the window ending ``now``, deduplicated and sampled), then split like any other.
 
     Three splits: eval (``split`` 'eval' or 'test', or ``test_fraction`` of the rows without a split column;
     capped by ``test_size``), holdout (rows labelled 'holdout'; else drawn from the train split, see
     :func:`_holdout`) and train (the rest; ``coverage`` is ``train_size`` of it, the rest are seeds). An
     instruction of eval or holdout is never in train.
     """
-    rows = read_rows(spec.source, fetch_s3)
+    if spec.traffic_route is not None:
+        rows, spec = _traffic_source_rows(spec, traffic_store, now)
+    else:
+        rows = read_rows(spec.source, fetch_s3)
     if not rows:
         raise DatasetError(f"dataset.source {spec.source}: no rows")
     examples: list[tuple[Example, str | None]] = []

@@ -1,15 +1,18 @@
-"""Every object key of a migration, in one place.
+"""Every object key of a migration, and of a gateway route's captured traffic, in one place.
 
 Keys live under ``migrations/{migration_id}/...`` and are built only from validated ids and checked parts, so a
-migration cannot address another one's objects.
+migration cannot address another one's objects. Captured traffic lives under
+``traffic/{route}/{YYYY-MM-DD}/{HHMMSS}-{batch}.jsonl`` (UTC), the route name validated the same way.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
 
 from llamaduo.contracts.events import validate_migration_id
+from llamaduo.contracts.routes import validate_route_name
 from llamaduo.errors import StoreError
 
 _PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -101,3 +104,56 @@ def batch_scores_prefix(migration_id: str, round: int) -> str:
 def checkpoint_prefix(migration_id: str, round: int) -> str:
     """S3 folder holding the newest training checkpoint of a round."""
     return round_key(migration_id, round, "checkpoints", "latest")
+
+
+# ------------------------------------------------------------------------------------ captured traffic
+
+#: Top folder of every route's captured traffic.
+TRAFFIC_ROOT = "traffic"
+_TRAFFIC_NAME_RE = re.compile(r"^(\d{6})-[A-Za-z0-9][A-Za-z0-9_-]*\.jsonl$")
+
+
+def _route(route: str) -> str:
+    try:
+        return validate_route_name(route)
+    except ValueError as err:
+        raise StoreError(f"traffic key: {err}") from None
+
+
+def traffic_prefix(route: str) -> str:
+    """S3 folder of a route's captured traffic: ``traffic/{route}/``."""
+    return f"{TRAFFIC_ROOT}/{_route(route)}/"
+
+
+def traffic_day_prefix(route: str, day: date) -> str:
+    """S3 folder of a route's traffic captured on ``day`` (UTC): ``traffic/{route}/{YYYY-MM-DD}/``."""
+    return f"{traffic_prefix(route)}{day:%Y-%m-%d}/"
+
+
+def traffic_key(route: str, at: datetime, batch_id: str) -> str:
+    """S3 key of one captured JSONL batch: ``traffic/{route}/{YYYY-MM-DD}/{HHMMSS}-{batch_id}.jsonl``, the time
+    the batch started, in UTC (a naive ``at`` is taken as UTC)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", batch_id):
+        raise StoreError(f"traffic batch id {batch_id!r} is not allowed (letters, digits, '_', '-' only)")
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return f"{traffic_day_prefix(route, at.date())}{at:%H%M%S}-{batch_id}.jsonl"
+
+
+def traffic_key_time(key: str) -> datetime | None:
+    """The UTC time a traffic batch key names (None when ``key`` is not a batch key)."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != TRAFFIC_ROOT:
+        return None
+    match = _TRAFFIC_NAME_RE.fullmatch(parts[3])
+    if match is None:
+        return None
+    try:
+        return datetime.strptime(f"{parts[2]} {match.group(1)}", "%Y-%m-%d %H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def traffic_days(since: datetime, until: datetime) -> list[date]:
+    """The UTC days from ``since`` to ``until`` (both included), oldest first: the day folders a window spans."""
+    first, last = since.astimezone(UTC).date(), until.astimezone(UTC).date()
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]

@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +35,16 @@ from pydantic import BaseModel
 from llamaduo.contracts.events import ArtifactRef
 from llamaduo.errors import StoreError
 from llamaduo.settings import Settings
-from llamaduo.storage.keys import require_own_key, spec_key
+from llamaduo.storage.keys import (
+    require_own_key,
+    spec_key,
+    traffic_day_prefix,
+    traffic_days,
+    traffic_key_time,
+)
+
+#: How long before a window's start a traffic batch may have started and still hold rows of the window.
+TRAFFIC_BATCH_SLACK = timedelta(hours=1)
 
 _CHUNK = 1 << 20
 M = TypeVar("M", bound=BaseModel)
@@ -159,6 +169,17 @@ class ArtifactStore:
 
     def list(self, prefix: str) -> list[str]:
         return [o.object_name for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+
+    def list_traffic(self, route: str, since: datetime, until: datetime | None = None) -> list[str]:
+        """Keys of a route's captured traffic batches that may hold rows of [``since``, ``until``] (UTC;
+        ``until`` default now), oldest first: batches started in the window, or up to ``TRAFFIC_BATCH_SLACK``
+        before it (a batch is named by its start; a reader filters rows by their own time). Only the day folders
+        the window spans are listed."""
+        until = until or datetime.now(UTC)
+        start = since - TRAFFIC_BATCH_SLACK
+        keys = [key for day in traffic_days(start, until) for key in self.list(traffic_day_prefix(route, day))]
+        timed = [(t, key) for key in keys if (t := traffic_key_time(key)) is not None and start <= t <= until]
+        return [key for _, key in sorted(timed)]
 
     # ---------------------------------------------------------------- JSON lines, streamed
 
