@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamaduo.runtime.local_servers import ManagedProcess, NatsServer, S3Server
-from llamaduo.runtime.service import SERVICES
+from llamaduo.runtime.service import MIGRATION_SERVICES
 from llamaduo.settings import Settings
 
 
@@ -21,7 +21,7 @@ class Embedded:
     """Start with :meth:`start` (or ``with``); :meth:`stop` stops services first, then the servers."""
 
     data_dir: Path
-    services: tuple[str, ...] = SERVICES
+    services: tuple[str, ...] = MIGRATION_SERVICES
     replicas: dict[str, int] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     nats: NatsServer | None = None

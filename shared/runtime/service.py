@@ -15,7 +15,10 @@ from llamaduo.runtime.metrics import start_exporter
 from llamaduo.settings import Settings
 from llamaduo.storage.store import ArtifactStore
 
-SERVICES = ("controller", "trainer", "inference", "judge", "synthesizer")
+#: The services a migration needs (the embedded installation starts these).
+MIGRATION_SERVICES = ("controller", "trainer", "inference", "judge", "synthesizer")
+#: Every service: the migration's, and the gateway in front of the service LLM (``llamaduo gateway``).
+SERVICES = (*MIGRATION_SERVICES, "gateway")
 #: Entry-point group naming each service's ``register(bus, store)`` (see pyproject.toml).
 SERVICE_ENTRY_POINTS = "llamaduo.services"
 
