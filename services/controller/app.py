@@ -46,6 +46,7 @@ from llamaduo.storage.store import ArtifactStore
 from llamaduo.tasks.plugins import refused_code
 
 from . import domain
+from .promotion import Promoter
 
 log = logging.getLogger("llamaduo.controller")
 
@@ -93,12 +94,13 @@ def _prepare(store: ArtifactStore, migration_id: str, spec: MigrationSpec, setti
     """Load and split the coverage dataset, then store the splits (written once; the eval split as ``test``, the
     holdout only when it has rows) and the spec (blocking I/O).
 
-    An ``s3://`` source must lie under this migration's prefix or an operator-allowed dataset prefix."""
+    An ``s3://`` source must lie under this migration's prefix or an operator-allowed dataset prefix; a
+    ``traffic:<route>`` source is read from the route's captured batches (:mod:`llamaduo.data.traffic`)."""
 
     def fetch_s3(uri: str) -> bytes:
         return store.fetch_dataset_source(migration_id, uri, settings.allowed_dataset_prefixes)
 
-    splits = load_splits(spec.dataset, fetch_s3=fetch_s3)
+    splits = load_splits(spec.dataset, fetch_s3=fetch_s3, traffic_store=store)
     store.put_json(spec_key(migration_id), spec.model_dump(mode="json"))
     return DataRefs(
         train=store.put_jsonl(data_key(migration_id, "train"), splits.train, once=True),
@@ -127,6 +129,7 @@ def _mkdir(path: Path) -> Path:
 
 def register(bus: Bus, store: ArtifactStore) -> None:
     states = StateStore(bus)
+    promoter = Promoter(bus)
     locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def flush(state: MigrationState, rev: int) -> int:
@@ -151,7 +154,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                          threaded: bool = False,
                          before_commit: Callable[[MigrationState], Awaitable[None]] | None = None) -> bool:
         """Apply ``event`` to its migration's state and commit the outputs; False when there is no such
-        migration. ``before_commit`` runs after ``apply``, before anything is saved or published."""
+        migration. ``before_commit`` runs after ``apply``, before anything is saved or published; so does the
+        promotion of a migration the event completed (route state written, ``route.changed`` added)."""
         async with locks[event.migration_id]:
             state, rev = await states.load(event.migration_id)
             if state is None or rev is None:
@@ -163,6 +167,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             outputs = await asyncio.to_thread(apply, state) if threaded else apply(state)
             if before_commit is not None:
                 await before_commit(state)
+            outputs = [*outputs, *await promoter.on_transition(state, outputs)]
             state.mark_applied(event.event_id)
             for rnd in state.rounds:  # judging closed with batches left: judge workers skip them
                 if rnd.judging_closed and rnd.round not in closed_before:

@@ -49,6 +49,11 @@ def stream_config(settings: Settings) -> StreamConfig:
     return StreamConfig(**stream_fields(settings))
 
 
+#: History kept per entry of the routes bucket: every process that opens it must declare the same (the route's own
+#: versions are in ``RouteState.history``).
+ROUTES_HISTORY = 1
+
+
 def routes_bucket(stream_name: str) -> str:
     """KV bucket of the gateway's route states (one entry per route, key: the route name, value: a
     :class:`llamaduo.contracts.routes.RouteState` as JSON); every gateway replica watches it."""
