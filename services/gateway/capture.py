@@ -19,19 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from llamaduo.storage.keys import traffic_key
 from llamaduo.storage.store import ArtifactStore
 
 log = logging.getLogger("llamaduo.gateway.capture")
-
-
-def traffic_key(route: str, at: datetime, batch_id: str) -> str:
-    """``traffic/<route>/<YYYY-MM-DD>/<HHMMSS>-<batch-id>.jsonl`` (UTC)."""
-    try:  # the shared key builder, once the storage room has it
-        from llamaduo.storage.keys import traffic_key as shared_traffic_key  # type: ignore[attr-defined]
-    except ImportError:
-        at = at.astimezone(UTC)
-        return f"traffic/{route}/{at:%Y-%m-%d}/{at:%H%M%S}-{batch_id}.jsonl"
-    return str(shared_traffic_key(route, at, batch_id))
 
 
 @dataclass

@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from llamaduo import __version__
 from llamaduo.cli.cancel import cmd_cancel
 from llamaduo.cli.common import fail
+from llamaduo.cli.gateway import cmd_gateway
 from llamaduo.cli.installation import cmd_asyncapi, cmd_events, cmd_ping, cmd_report, cmd_service, cmd_status
 from llamaduo.cli.migrate import cmd_demo, cmd_migrate
 from llamaduo.cli.pull import cmd_pull
+from llamaduo.cli.routes import cmd_promote, cmd_rollback
 from llamaduo.cli.serve import cmd_serve
 from llamaduo.cli.validate import cmd_validate
 from llamaduo.errors import LlamaDuoError
@@ -119,7 +121,38 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     p.add_argument("--cache", default=".data/served", help="where downloaded models are kept")
+    p.add_argument("--api-keys-file", help="file of bearer keys, one a line (with LLAMADUO_API_KEYS[_FILE]); "
+                   "none anywhere: no key is asked")
+    p.add_argument("--adapters-dir", help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter, loading "
+                   "adapter folders from inside this folder only")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default: LLAMADUO_SERVE_MAX_BODY_BYTES "
+                   "or 1 MiB)")
+    p.add_argument("--max-total-tokens", type=int, help="cap on max_tokens x n per request (default: 16384)")
+    p.add_argument("--max-concurrent", type=int, help="generation requests running at once (default: 4)")
+    p.add_argument("--max-waiting", type=int, help="generation requests waiting; 429 beyond (default: 16)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("gateway", help="OpenAI-compatible gateway: each route (a task alias sent as `model`) "
+                       "answered by its service LLM or, once promoted, by the local model (docs/gateway.md)")
+    p.add_argument("--routes", required=True, help="the routes file (YAML; see docs/gateway.md)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default: %(default)s)")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("promote", help="promote a version on a gateway route (applies on every gateway at once)")
+    p.add_argument("route", help="the route name")
+    p.add_argument("--version", required=True, help="the version to promote (the migration id that produced it)")
+    p.add_argument("--mode", choices=("shadow", "canary", "full"), default="canary",
+                   help="shadow: compared only; canary: --percent of users answered locally; full: every request "
+                   "(default: %(default)s)")
+    p.add_argument("--percent", type=float, help="canary share answered locally (above 0, at most 100)")
+    p.add_argument("--local-model", help="the name the local server serves the version under (default: VERSION)")
+    p.add_argument("--adapter-key", help="S3 key of the version's adapter (recorded with the route)")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="put a gateway route back on its previous version (off when none)")
+    p.add_argument("route", help="the route name")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("pull", help="download a base model (Hugging Face id) or build a built-in one, into the "
                        "cache the services read")

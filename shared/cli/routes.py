@@ -1,0 +1,128 @@
+"""``llamaduo promote ROUTE --version V --mode canary --percent 10`` and ``llamaduo rollback ROUTE``.
+
+Both change the route's entry in the ``<stream>_ROUTES`` KV bucket by compare-and-set
+(:class:`~llamaduo.bus.kv_cell.KVCell`: two operators at once cannot lose each other's change), then publish
+``route.changed`` for observers. Every gateway replica watches the bucket: the change applies without a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from llamaduo.cli.common import fail, load_settings
+
+if TYPE_CHECKING:
+    from llamaduo.contracts.routes import RouteState
+    from llamaduo.settings import Settings
+
+
+async def open_routes(settings: Settings) -> tuple[Any, Any]:
+    """``(connection, kv)``: a NATS connection and the routes bucket (created when no gateway made it yet)."""
+    from nats.js.api import KeyValueConfig
+    from nats.js.errors import BucketNotFoundError
+
+    from llamaduo.bus.connection import connect
+    from llamaduo.bus.topology import routes_bucket
+
+    nc = await connect(settings)
+    js = nc.jetstream()
+    bucket = routes_bucket(settings.stream_name)
+    try:
+        kv = await js.key_value(bucket)
+    except BucketNotFoundError:
+        kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+    return nc, kv
+
+
+async def change_route(settings: Settings, route: str, change: Callable[[RouteState | None], RouteState], *,
+                       reason: str, actor: str) -> tuple[RouteState | None, RouteState]:
+    """Apply ``change`` to ``route``'s state by compare-and-set, publish ``route.changed``; ``(before, after)``."""
+    from llamaduo.bus.client import ensure_stream
+    from llamaduo.bus.kv_cell import KVCell
+    from llamaduo.contracts.events import Subject, route_envelope, validate_migration_id
+    from llamaduo.contracts.gateway import RouteChanged
+    from llamaduo.contracts.routes import RouteState
+
+    nc, kv = await open_routes(settings)
+    try:
+        cell: KVCell[RouteState] = KVCell(kv, route, what="route", decode=RouteState.from_bytes,
+                                          encode=lambda state: state.to_bytes())
+        before, after = await cell.change(lambda current: (new := change(current), (current, new)))
+        try:
+            migration_id = validate_migration_id(after.version) if after.version else None
+        except ValueError:
+            migration_id = None
+        env = route_envelope(Subject.ROUTE_CHANGED, RouteChanged(
+            route=route, mode=after.mode, percent=after.percent, version=after.version,
+            local_model=after.local_model, adapter_key=after.adapter_key, previous=before, reason=reason,
+            actor=actor), route, migration_id=migration_id, key=f"{reason}-{after.updated_at.isoformat()}")
+        js = nc.jetstream()
+        await ensure_stream(js, settings)
+        await js.publish(settings.subject(env.type), env.to_bytes(), headers={"Nats-Msg-Id": env.event_id})
+        return before, after
+    finally:
+        await nc.close()
+
+
+def _describe(state: RouteState) -> dict[str, Any]:
+    return {"mode": state.mode, "percent": state.percent, "version": state.version,
+            "local_model": state.local_model, "history": [v.version for v in state.history]}
+
+
+def _checked_route(route: str) -> str | None:
+    from llamaduo.contracts.routes import validate_route_name
+
+    try:
+        validate_route_name(route)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Promote ``args.version`` on route ``args.route`` in ``args.mode`` (``--percent`` for a canary)."""
+    from llamaduo.cli.cancel import requester
+    from llamaduo.contracts.routes import promote
+
+    if why := _checked_route(args.route):
+        return fail(why)
+    if args.mode == "canary" and args.percent is None:
+        return fail("--mode canary needs --percent (the share answered locally, above 0 and at most 100)")
+    if args.mode != "canary" and args.percent is not None:
+        return fail(f"--percent applies to --mode canary only (mode {args.mode} answers "
+                    f"{'every' if args.mode == 'full' else 'no'} request locally)")
+
+    def change(state: RouteState | None) -> RouteState:
+        return promote(state, args.version, args.mode, args.percent, local_model=args.local_model,
+                       adapter_key=args.adapter_key)
+
+    try:
+        before, after = asyncio.run(change_route(load_settings(), args.route, change, reason="promote",
+                                                 actor=requester()))
+    except ValueError as err:  # a share out of range
+        return fail(str(err))
+    print(json.dumps({"route": args.route, "before": _describe(before) if before else None,
+                      "after": _describe(after)}))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Roll route ``args.route`` back to its previous version (or ``off`` when it has none)."""
+    from llamaduo.cli.cancel import requester
+    from llamaduo.contracts.routes import RouteState, rollback
+
+    if why := _checked_route(args.route):
+        return fail(why)
+
+    def change(state: RouteState | None) -> RouteState:
+        return rollback(state or RouteState())
+
+    before, after = asyncio.run(change_route(load_settings(), args.route, change, reason="rollback",
+                                             actor=requester()))
+    print(json.dumps({"route": args.route, "before": _describe(before) if before else None,
+                      "after": _describe(after)}))
+    return 0
