@@ -76,3 +76,10 @@ def test_history_is_bounded():
     assert len(state.history) == HISTORY_LIMIT
     assert state.history[0].version == "m-4" and state.history[-1].version == f"m-{HISTORY_LIMIT + 3}"
     assert len(promote(state, "m-x", "full", keep=3).history) == 3
+
+
+def test_rollbacks_walk_back_through_the_versions_newest_first():
+    state = None
+    for version in ("m-1", "m-2", "m-3"):
+        state = promote(state, version, "full")
+    assert [rollback(state).version, rollback(rollback(state)).version] == ["m-2", "m-1"]
