@@ -60,7 +60,7 @@ async def test_duplicate_publish_is_dropped_and_poison_goes_to_dead_letter(setti
     assert len(letters) == 2
     assert all(lt["subject"] == settings.subject("train.request") for lt in letters)
     assert all(lt["reason"].startswith("schema:") for lt in letters)
-    assert "migration_id: Field required" in letters[1]["reason"]
+    assert "correlation_id: Field required" in letters[1]["reason"]  # migration_id is optional (route events)
     assert letters[0]["body"] == "{not json"
 
 
