@@ -82,7 +82,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     async def run() -> None:
         async for env in follow(load_settings(), args.id, live=args.follow):
             print(env.model_dump_json() if args.json else
-                  f"{env.occurred_at:%H:%M:%S} {env.migration_id} r{env.round} {env.type}: {describe(env)}",
+                  f"{env.occurred_at:%H:%M:%S} {env.migration_id or f'route {env.route}'} r{env.round} {env.type}: "
+                  f"{describe(env)}",
                   flush=True)
 
     try:

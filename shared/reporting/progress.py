@@ -49,6 +49,11 @@ def describe(env: Envelope) -> str:
         return f"{p.detail or 'cancelled'}; {kept}"
     if t == Subject.MIGRATION_FAILED:
         return f"failed: {p.reason}: {p.detail}"
+    if t == Subject.ROUTE_CHANGED:
+        share = f" {p.percent:g}%" if p.mode == "canary" else ""
+        return f"route {p.route}: {p.mode}{share} version {p.version} ({p.reason})"
+    if t == Subject.ROUTE_FALLBACK:
+        return f"route {p.route}: answered upstream ({p.reason})"
     return str(t)
 
 

@@ -131,3 +131,16 @@ def test_holdout_batches_count_as_usage_but_not_as_the_round_score() -> None:
     assert view.apply(holdout)
     assert {s.similarity for s in view.rounds[0].scores.values()} == {95.0} and len(view.rounds[0].scores) == 10
     assert view.usage.tokens == 150
+
+
+def test_route_events_are_described_by_route_mode_and_reason():
+    from llamaduo.contracts.events import route_envelope
+    from llamaduo.contracts.gateway import RouteChanged, RouteFallback
+    from llamaduo.reporting.progress import describe
+
+    changed = route_envelope(Subject.ROUTE_CHANGED, RouteChanged(route="tickets", mode="canary", percent=25,
+                                                                 version="m-1", reason="promote"), "tickets")
+    assert describe(changed) == "route tickets: canary 25% version m-1 (promote)"
+    fallback = route_envelope(Subject.ROUTE_FALLBACK, RouteFallback(route="tickets", request_id="r-1", version="m-1",
+                                                                    reason="timeout"), "tickets")
+    assert describe(fallback) == "route tickets: answered upstream (timeout)"
