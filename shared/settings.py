@@ -61,6 +61,21 @@ class Settings(BaseSettings):
     )
     metrics_host: str = Field(default="0.0.0.0", description="Address the /metrics exporter listens on")
 
+    # Serving: llamaduo serve, the inference service's server, the gateway (see docs/serving.md)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated bearer keys the OpenAI-compatible servers accept "
+        "(none, with no keys file either: no key is asked)",
+    )
+    api_keys_file: Path | None = Field(default=None, description="File of more bearer keys, one a line")
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated keys for loading/unloading adapters at run time "
+        "(none: the serving keys)",
+    )
+    serve_max_body_bytes: int = Field(default=1 << 20, gt=0, description="Largest request body (413 beyond)")
+    serve_max_total_tokens: int = Field(default=16384, gt=0, description="Cap on max_tokens x n (400 beyond)")
+    serve_max_concurrent: int = Field(default=4, gt=0, description="Generations running at once")
+    serve_max_waiting: int = Field(default=16, ge=0, description="Generations waiting for a slot (429 beyond)")
+
     # Local
     work_dir: Path = Field(default=Path(".data/work"), description="Scratch space for models and datasets")
     log_level: str = "INFO"
@@ -74,7 +89,7 @@ class Settings(BaseSettings):
             raise ValueError(f"LLAMADUO_SUBJECT_PREFIX {value!r} may hold only letters, digits, '-', '_' and '.'")
         return value
 
-    @field_validator("allowed_plugins", "allowed_dataset_prefixes", mode="before")
+    @field_validator("allowed_plugins", "allowed_dataset_prefixes", "api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -10,8 +10,10 @@ import logging
 from pathlib import Path
 
 from llamaduo.contracts.spec import MigrationSpec
+from llamaduo.serving.guard import ServingLimits
 from llamaduo.serving.migration import fetch_migration_model, migration_defaults
 from llamaduo.serving.server import BackgroundServer
+from llamaduo.settings import Settings
 from llamaduo.storage.store import ArtifactStore
 
 # the service's logger: these lines are the inference service's
@@ -23,7 +25,7 @@ Servers = dict[tuple[str, int], BackgroundServer]
 
 def serve_completed(
     store: ArtifactStore, spec: MigrationSpec, migration_id: str, servers: Servers, cache: Path,
-    *, model_key: str | None = None, model_sha256: str | None = None,
+    *, model_key: str | None = None, model_sha256: str | None = None, limits: ServingLimits | None = None,
 ) -> BackgroundServer | None:
     """Serve a completed migration's chosen model as its spec's ``serve`` section asks (blocking: loads it).
 
@@ -32,6 +34,8 @@ def serve_completed(
     that was judged (a :class:`~llamaduo.errors.StoreError` otherwise, before it is loaded), then published on
     the server of ``(serve.host, serve.port)`` in ``servers`` (started on first use). Returns that server; None
     when the spec does not ask, or when the address is taken (logged as an error: the service goes on).
+    ``limits``: API keys, body and token caps, queue of a server started now (default: from the environment's
+    ``LLAMADUO_API_KEYS``... as :meth:`ServingLimits.from_settings` reads them).
     """
     ask = spec.serve
     if not ask.enabled:
@@ -39,7 +43,10 @@ def serve_completed(
     name = ask.model_name or migration_id
     folder, _ = fetch_migration_model(store, migration_id, cache, model_key=model_key,
                                       model_sha256=model_sha256)
-    server = servers.setdefault((ask.host, ask.port), BackgroundServer(ask.host, ask.port))
+    server = servers.get((ask.host, ask.port))
+    if server is None:
+        limits = limits or ServingLimits.from_settings(Settings())
+        server = servers[(ask.host, ask.port)] = BackgroundServer(ask.host, ask.port, limits=limits)
     try:
         replaced = server.publish({name: folder}, {name: migration_defaults(spec)})
     except OSError as err:

@@ -13,9 +13,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve migrated models behind an OpenAI-compatible API (``/v1/chat/completions``).
 
     A migration's model answers with its own spec's inference defaults and system prompt; ``--model`` folders
-    with those of the last migration given (or the defaults).
+    with those of the last migration given (or the defaults). API keys, limits and run-time adapters: see
+    ``docs/serving.md`` (the flags override the ``LLAMADUO_*`` settings).
     """
+    from llamaduo.errors import SpecError
     from llamaduo.serving.engine import ModelDefaults
+    from llamaduo.serving.guard import ServingLimits
     from llamaduo.serving.migration import fetch_migration_model, migration_defaults
     from llamaduo.serving.server import serve
 
@@ -42,7 +45,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         student, system_prompt = spec.student, spec.task.system_prompt
     if not models:
         return fail("nothing to serve: give --migration ID or --model NAME=FOLDER")
-    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    if args.adapters_dir and not Path(args.adapters_dir).is_dir():
+        return fail(f"--adapters-dir {args.adapters_dir!r} is not a folder; create it or name an existing one")
+    try:
+        limits = ServingLimits.from_settings(
+            load_settings(), api_keys_file=args.api_keys_file, max_body_bytes=args.max_body_bytes,
+            max_total_tokens=args.max_total_tokens, max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
+        )
+    except (SpecError, ValueError) as err:  # a keys file that cannot be read, a limit out of range
+        return fail(str(err))
+    keys = f"{len(limits.api_keys)} API key(s)" if limits.api_keys else "no API key asked"
+    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1 ({keys})", file=sys.stderr)
     serve(models, host=args.host, port=args.port, student=student, system_prompt=system_prompt or "",
-          defaults=defaults)
+          defaults=defaults, limits=limits, adapters_dir=args.adapters_dir)
     return 0

@@ -2,11 +2,14 @@
 
 Errors are OpenAI error bodies ``{"error": {"message", "type", "param", "code"}}`` (:class:`APIError`): 400
 ``invalid_request_error`` for a malformed body (bad JSON, missing or empty ``messages``, out-of-range values),
-404 ``model_not_found`` for an unknown model, 500 ``server_error`` when generation fails.
+404 ``model_not_found`` for an unknown model, 500 ``server_error`` when generation fails: its body says only
+"Internal error" and an error id, the log line carrying that id has the exception (:func:`internal_error`).
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +36,15 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         """The OpenAI error body of this error."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def internal_error(log: logging.Logger, exc: BaseException, where: str) -> APIError:
+    """The 500 answered for an unexpected ``exc``: logged (with its traceback) under a new error id, which the
+    answer names; the answer holds no exception text."""
+    error_id = f"err-{uuid.uuid4().hex[:16]}"
+    log.error("%s failed (error id %s)", where, error_id, exc_info=exc, extra={"error_id": error_id})
+    return APIError(500, f"Internal error (error id {error_id}); the server log has the details under this id",
+                    type="server_error", code="internal_error")
 
 
 def model_not_found(name: str, known: list[str]) -> APIError:

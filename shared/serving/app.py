@@ -5,10 +5,14 @@
   (``data: {chat.completion.chunk}`` lines, then ``data: [DONE]``; with ``stream_options.include_usage`` a last
   chunk with empty ``choices`` carries ``usage``). ``temperature``, ``top_p``, ``max_tokens`` (or
   ``max_completion_tokens``), ``n``, ``stop`` and ``seed`` are honoured;
-* ``GET /health``.
+* ``GET /health`` (never asks for a key);
+* with an adapters folder, ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+  (:mod:`~llamaduo.serving.adapters`).
 
-Errors are OpenAI error bodies (:class:`~llamaduo.serving.api.APIError`). Generation runs in worker threads; the
-event loop only moves bytes.
+The app stands behind the guard (:mod:`~llamaduo.serving.guard`: API keys, body limit, bounded queue) and caps
+``max_tokens`` x ``n``. Errors are OpenAI error bodies (:class:`~llamaduo.serving.api.APIError`); a 500 names an
+error id, never the exception. Generation runs in worker threads; the event loop only moves bytes. A client that
+goes away (streaming or not) cancels its generation at the next token.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from llamaduo.contracts.spec import InferenceSpec, StudentSpec
-from llamaduo.serving.api import APIError, chat_messages, parse_request
+from llamaduo.serving.api import APIError, chat_messages, internal_error, parse_request
 from llamaduo.serving.engine import Generation, GenerationParams, ModelDefaults, ServedModel
+from llamaduo.serving.guard import ServingLimits, check_token_budget, guard_middleware
 from llamaduo.serving.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,13 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+async def _watch_disconnect(receive: Any, cancel: threading.Event) -> None:
+    """Set ``cancel`` once the client goes away (the request body already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    cancel.set()
+
+
 def create_app(
     models: Mapping[str, Path | str],
     student: StudentSpec | None = None,
@@ -47,24 +59,54 @@ def create_app(
     system_prompt: str = "",
     registry: ModelRegistry | None = None,
     defaults: Mapping[str, ModelDefaults] | None = None,
+    limits: ServingLimits | None = None,
+    adapters_dir: Path | str | None = None,
 ) -> Any:
-    """The ASGI (Starlette) app serving ``models`` (name -> model folder), loaded now.
+    """The ASGI (Starlette) app serving ``models`` (name -> model folder), loaded now, behind the guard.
 
     ``student``: its ``inference`` settings give the defaults of requests that leave them out (``max_tokens`` =
     ``max_new_tokens``, ``temperature``); without it, :class:`~llamaduo.contracts.spec.InferenceSpec`'s defaults.
     ``system_prompt``: put first when a request has no system message (the task's system prompt, so a client can
     send just the user's text). A model's own :class:`ModelDefaults` (``defaults`` by name, or set on the
     registry) come before both. ``registry``: already loaded models (then ``models`` and ``defaults`` are ignored).
-    The registry is ``app.state.registry``.
+    ``limits``: keys, body size, token cap, queue (default: :class:`ServingLimits`'s, no key asked).
+    ``adapters_dir``: serve the run-time adapter endpoints, loading from inside that folder only.
+    The registry is ``app.state.registry``, the limits ``app.state.limits``.
     """
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     reg = registry if registry is not None else ModelRegistry(models, defaults)
     app_inference = student.inference if student is not None else InferenceSpec()
+    limits = limits or ServingLimits()
+
+    class EventStream(StreamingResponse):
+        """Server-Sent Events; a client gone mid-stream is no server error."""
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            except ClientDisconnect:
+                log.info("the client went away mid-stream")
+
+    def answering_errors(handler: Any) -> Any:
+        """``handler`` answering its own errors: APIError as itself, anything else as a 500 with an error id."""
+
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except APIError as err:
+                return JSONResponse(err.body(), status_code=err.status)
+            except ClientDisconnect:
+                return Response(status_code=499)  # nobody to answer
+            except Exception as exc:
+                err = internal_error(log, exc, f"{request.method} {request.url.path}")
+                return JSONResponse(err.body(), status_code=err.status)
+
+        return wrapped
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [m.info() for m in reg]})
@@ -95,17 +137,26 @@ def create_app(
             stop=tuple(s for s in stop if s),
         )
         n = req.n or 1
+        check_token_budget(params.max_tokens, n, limits)
         prompt_ids = await asyncio.to_thread(served.prompt_ids, messages)
         served.max_new_tokens(prompt_ids, params.max_tokens)  # a prompt too long is a 400, before any stream starts
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = _stream(served, prompt_ids, params, n, completion_id, created, include_usage)
-            return StreamingResponse(
+            events = _stream(served, prompt_ids, params, n, completion_id, created, include_usage, request.receive)
+            return EventStream(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
-        results = await asyncio.to_thread(served.generate, prompt_ids, params, n=n)
+        cancel = threading.Event()
+        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, cancel))
+        try:
+            results = await asyncio.to_thread(served.generate, prompt_ids, params, n=n, cancel=cancel)
+        finally:
+            watcher.cancel()
+        if cancel.is_set():
+            log.info("the client went away: generation of %s stopped", completion_id)
+            return Response(status_code=499)
         return JSONResponse(
             {
                 "id": completion_id,
@@ -137,20 +188,29 @@ def create_app(
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
     async def on_server_error(request: Request, exc: Exception) -> Response:
-        log.exception("request %s %s failed", request.method, request.url.path, exc_info=exc)
-        err = APIError(500, f"The server failed: {type(exc).__name__}: {exc}", type="server_error")
+        err = internal_error(log, exc, f"{request.method} {request.url.path}")
         return JSONResponse(err.body(), status_code=500)
 
+    routes = [
+        Route("/v1/models", answering_errors(list_models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", answering_errors(get_model), methods=["GET"]),
+        Route("/v1/chat/completions", answering_errors(chat_completions), methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    if adapters_dir is not None:
+        from llamaduo.serving.adapters import adapter_routes
+
+        routes += [Route(r.path, answering_errors(r.endpoint), methods=r.methods)
+                   for r in adapter_routes(reg, Path(adapters_dir))]
+        if not (limits.api_keys or limits.admin_api_keys):
+            log.warning("adapters can be loaded at run time and no API key is set: anyone reaching this server "
+                        "can load adapters from %s", adapters_dir)
     app = Starlette(
-        routes=[
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
-        ],
+        routes=routes,
+        middleware=guard_middleware(limits),
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_server_error},
     )
-    app.state.registry = reg
+    app.state.registry, app.state.limits = reg, limits
     return app
 
 
@@ -162,8 +222,11 @@ async def _stream(
     completion_id: str,
     created: int,
     include_usage: bool,
+    receive: Any,
 ) -> AsyncIterator[str]:
-    """SSE lines of a streamed completion; generation runs in its own thread and feeds an asyncio queue."""
+    """SSE lines of a streamed completion; generation runs in its own thread and feeds an asyncio queue.
+
+    ``receive``: the request's ASGI receive, watched for the client going away (then the generation stops)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
     cancel = threading.Event()
@@ -200,6 +263,7 @@ async def _stream(
         return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     threading.Thread(target=work, name=f"llamaduo-serve-{completion_id[-8:]}", daemon=True).start()
+    watcher = asyncio.ensure_future(_watch_disconnect(receive, cancel))
     try:
         for i in range(n):
             yield chunk([choice(i, {"role": "assistant", "content": ""})])
@@ -210,8 +274,7 @@ async def _stream(
             elif item[0] == "error":
                 err = item[1]
                 if not isinstance(err, APIError):
-                    log.error("streamed generation failed", exc_info=err)
-                    err = APIError(500, f"Generation failed: {type(err).__name__}: {err}", type="server_error")
+                    err = internal_error(log, err, f"streamed generation {completion_id}")
                 yield _sse(err.body())
                 return
             else:
@@ -223,4 +286,5 @@ async def _stream(
                 yield _sse("[DONE]")
                 return
     finally:
+        watcher.cancel()
         cancel.set()  # a client gone mid-stream stops the generation at its next token

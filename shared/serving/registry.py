@@ -6,7 +6,8 @@ base model (same base folder and quantization) share one copy of the base: the f
 ``PeftModel.from_pretrained``, the others with ``load_adapter``, and each request switches with ``set_adapter``
 under that base's lock. A lone unquantized LoRA student is merged into its base
 (:func:`~llamaduo.models.loading.load_student`, as the inference service loads it). Full students and plain
-folders load on their own.
+folders load on their own. Adapters can be added at run time onto any loaded base but a merged student
+(:mod:`~llamaduo.serving.adapters`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class ModelRegistry:
                 base = str(Path(student_base_path(meta)).resolve())
                 lora_groups.setdefault((base, meta.quantization), []).append((name, folder, meta))
                 continue
-            backend = Backend(load_causal_lm(folder).eval())
+            backend = Backend(load_causal_lm(folder).eval(), base_path=folder.resolve())
             self.backends.append(backend)
             method = meta.method if meta else "plain"
             self.models[name] = ServedModel(
@@ -110,7 +111,7 @@ class ModelRegistry:
         assert model is not None
         model.set_adapter(adapters[0])
         model.eval()
-        backend = Backend(model, adapters)
+        backend = Backend(model, adapters, base_path=Path(base))
         self.backends.append(backend)
         for adapter, (name, folder, meta) in zip(adapters, group, strict=True):
             self.models[name] = ServedModel(

@@ -15,6 +15,7 @@ from typing import Any
 from llamaduo.contracts.spec import StudentSpec
 from llamaduo.serving.app import create_app
 from llamaduo.serving.engine import ModelDefaults
+from llamaduo.serving.guard import ServingLimits
 from llamaduo.serving.registry import ModelRegistry
 
 
@@ -27,11 +28,14 @@ def serve(
     system_prompt: str = "",
     defaults: Mapping[str, ModelDefaults] | None = None,
     log_level: str = "info",
+    limits: ServingLimits | None = None,
+    adapters_dir: Path | str | None = None,
 ) -> None:
     """Load ``models`` and serve them over HTTP until interrupted (blocking). See :func:`create_app`."""
     import uvicorn
 
-    app = create_app(models, student, system_prompt=system_prompt, defaults=defaults)
+    app = create_app(models, student, system_prompt=system_prompt, defaults=defaults, limits=limits,
+                     adapters_dir=adapters_dir)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
@@ -106,10 +110,14 @@ class BackgroundServer:
 
     The first :meth:`publish` binds ``host:port`` (an ``OSError`` such as "address already in use" when it is
     taken; nothing is loaded then) and starts the server; later ones add models or replace those of the same name.
+    ``limits``: the guard's (see :class:`~llamaduo.serving.guard.ServingLimits`).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning") -> None:
-        self.host, self.port, self.log_level = host, port, log_level
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
+        limits: ServingLimits | None = None,
+    ) -> None:
+        self.host, self.port, self.log_level, self.limits = host, port, log_level, limits
         self.registry: ModelRegistry | None = None
         self.running: ServerThread | None = None
         self._lock = threading.Lock()
@@ -133,7 +141,8 @@ class BackgroundServer:
             try:
                 registry = ModelRegistry(models, defaults)
                 running = ServerThread.start(
-                    create_app({}, registry=registry), self.host, sock=sock, log_level=self.log_level)
+                    create_app({}, registry=registry, limits=self.limits), self.host, sock=sock,
+                    log_level=self.log_level)
             except BaseException:
                 sock.close()
                 raise
