@@ -61,6 +61,8 @@ class ShadowConfig(_Strict):
     threshold: float = Field(default=70.0, ge=1, le=100, description="Rolling judge score (1..100) below which "
                              "the route is degraded")
     window: int = Field(default=50, ge=1, description="Judged answers in the rolling score")
+    judge: ProviderSpec | None = Field(default=None, description="The service LLM that judges shadow answers "
+                                       "(as in a spec: api_key_env names its key); default: the route's upstream")
     remigrate: RemigrateConfig | None = None
 
 

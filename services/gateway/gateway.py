@@ -8,7 +8,11 @@
 2. a request for the local side that fails (error, timeout, overloaded, unavailable) or whose answer the route's
    validator refuses (invalid) is answered by the upstream; the client sees one successful answer, and
    ``route.fallback`` is published with the reason;
-3. in shadow mode a sampled request is also asked locally in the background (:meth:`Gateway.shadow_compared`);
+3. a sampled share (``shadow.sample_rate``) is answered by both sides, never delaying the client: in shadow mode
+   the local model is also asked in the background; when a promoted version answered (canary, full) the upstream
+   is asked in the background for the reference. The pair goes to the judge as ``shadow.request``
+   (:meth:`Gateway.shadow_compared`), whose ``shadow.scored`` the shadow watch counts
+   (:mod:`llamaduo.services.gateway.watch`);
 4. with capture on, the pair is redacted, queued for the route's JSONL batch in S3
    (:class:`~llamaduo.services.gateway.capture.TrafficCapture`) and published as ``traffic.logged``.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llamaduo.contracts.events import Envelope, Subject, route_envelope
-from llamaduo.contracts.gateway import RouteFallback, TrafficLogged
+from llamaduo.contracts.gateway import ChatMessage, RouteFallback, ShadowRequest, TrafficLogged
 from llamaduo.errors import ProviderError
 from llamaduo.services.gateway.capture import TrafficCapture
 from llamaduo.services.gateway.checks import Redactor, Validator, make_redactor, make_validator
@@ -105,6 +110,8 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.emit = emit
         self.capture = capture
+        #: draws the shadow sample of locally answered requests (canary, full); seed it for a reproducible sample
+        self.shadow_rng = random.Random()
         self._background: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
         for name in self.routes:
@@ -143,17 +150,18 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
     def _publish(self, env: Envelope) -> None:
+        if self.emit is not None:
+            self._spawn(self._send(env))
+
+    async def _send(self, env: Envelope) -> None:
+        """Publish ``env`` now; a failure is logged, never raised (events never fail a client's request)."""
         if self.emit is None:
             return
-
-        async def publish() -> None:
-            try:
-                await self.emit(env)  # type: ignore[misc]
-            except Exception as err:
-                log.warning("event not published", extra={"subject": str(env.type), "route": env.route,
-                                                          "error": f"{type(err).__name__}: {str(err)[:200]}"})
-
-        self._spawn(publish())
+        try:
+            await self.emit(env)
+        except Exception as err:
+            log.warning("event not published", extra={"subject": str(env.type), "route": env.route,
+                                                      "error": f"{type(err).__name__}: {str(err)[:200]}"})
 
     # ------------------------------------------------------------------------------ one request
 
@@ -187,6 +195,9 @@ class Gateway:
         if decision.shadow:
             self._spawn(self._shadow(route, body, messages, decision, request_id, answer,
                                      state.local_model if state else None))
+        elif side == "local" and decision.version is not None and \
+                self.shadow_rng.random() < route.config.shadow.sample_rate:
+            self._spawn(self._reference(route, body, messages, decision.version, request_id, answer))
         version = decision.version if side == "local" else None
         self.metrics.answered(route.name, side, answer.seconds, answer.prompt_tokens, answer.completion_tokens,
                               route.config.upstream, answer.cost)
@@ -243,13 +254,30 @@ class Gateway:
         self.metrics.shadow.labels(route.name).inc()
         await self.shadow_compared(route, request_id, decision.version, messages, reference.text, candidate.text)
 
+    async def _reference(self, route: Route, body: Any, messages: list[dict[str, str]], version: str,
+                         request_id: str, candidate: Answer) -> None:
+        """A locally answered request of the sample, asked upstream too (after the client has its answer)."""
+        try:
+            reference = await route.upstream.complete(body, messages)
+        except ProviderError as err:
+            log.info("shadow reference missing", extra={"route": route.name, "error": str(err)[:300]})
+            return
+        self.metrics.shadow.labels(route.name).inc()
+        await self.shadow_compared(route, request_id, version, messages, reference.text, candidate.text)
+
     async def shadow_compared(self, route: Route, request_id: str, version: str, messages: list[dict[str, str]],
                               reference: str, candidate: str) -> None:
-        """The hook of shadow mode: a sampled request's upstream answer (``reference``) and the local one
-        (``candidate``), both in hand. Publishing ``shadow.request`` for the judge (and acting on
-        ``shadow.scored``) plugs in here (issue 12 item 6); until then the pair is only logged."""
-        log.debug("shadow answer", extra={"route": route.name, "request_id": request_id, "version": version,
-                                          "instruction_chars": len(last_user_message(messages))})
+        """A sampled request's upstream answer (``reference``) and the local one (``candidate``), both in hand:
+        published as ``shadow.request`` for the judge, redacted like captured traffic, with the route's judge
+        (``shadow.judge``, else its upstream: key variable names only) and system prompt."""
+        config = route.config
+        await self._send(route_envelope(Subject.SHADOW_REQUEST, ShadowRequest(
+            route=route.name, request_id=request_id, version=version,
+            instruction=route.redact(last_user_message(messages)),
+            messages=[ChatMessage(role=m["role"], content=route.redact(m["content"])) for m in messages],
+            reference=route.redact(reference), candidate=route.redact(candidate),
+            system_prompt=config.system_prompt, judge=config.shadow.judge or config.upstream),
+            route.name, migration_id=_migration_of(version), key=f"shadow-{request_id}"))
 
     def _capture(self, route: Route, request_id: str, at: datetime, messages: list[dict[str, str]],
                  answer: Answer, side: str, version: str | None, reason: str | None) -> None:

@@ -60,6 +60,18 @@ def routes_bucket(stream_name: str) -> str:
     return f"{stream_name}_ROUTES"
 
 
+def shadow_bucket(stream_name: str) -> str:
+    """KV bucket of the gateway's shadow watch: one rolling window of judge scores per route and version (key
+    ``<route>/<version>``, see :mod:`llamaduo.services.gateway.watch`), changed by compare-and-set."""
+    return f"{stream_name}_SHADOW"
+
+
+#: The durable of the judge's ``shadow.request`` consumer (its own, so live traffic never waits behind eval
+#: batches), and of the gateway's ``shadow.scored`` consumer (shared by the replicas: each score counted once).
+JUDGE_SHADOW = "judge-shadow"
+GATEWAY_WATCH = "gateway-watch"
+
+
 def rate_limit_bucket(settings: Settings) -> str:
     """KV bucket of the provider rate limits shared by every replica (one entry per provider account, see
     :mod:`llamaduo.providers.shared_limits`)."""

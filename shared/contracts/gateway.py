@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from llamaduo.contracts.routes import RouteMode, RouteState, validate_route_name
+from llamaduo.contracts.spec import ProviderSpec
 
 #: Why a request meant for the local model was answered by the upstream instead.
 FallbackReason = Literal["error", "timeout", "overloaded", "invalid", "unavailable"]
@@ -88,6 +89,10 @@ class ShadowRequest(_RoutePayload):
     messages: list[ChatMessage] = Field(description="The request's chat, redacted")
     reference: str = Field(description="The upstream's answer")
     candidate: str = Field(description="The local model's answer")
+    system_prompt: str = Field(default="", description="The route's system prompt (the task the answers serve)")
+    judge: ProviderSpec | None = Field(
+        default=None, description="The service LLM that judges (the route's shadow.judge, else its upstream); "
+        "names the environment variable of its key (api_key_env), never a key. None: it cannot be judged")
 
 
 class ShadowScored(_RoutePayload):
