@@ -24,6 +24,7 @@ from typing import Any
 from llamaduo.bus.broker import Bus
 from llamaduo.bus.topology import routes_bucket
 from llamaduo.errors import SpecError
+from llamaduo.services.gateway.adapters import AdapterLoader
 from llamaduo.services.gateway.capture import TrafficCapture
 from llamaduo.services.gateway.config import GatewayConfig, load_routes
 from llamaduo.services.gateway.gateway import Gateway
@@ -58,8 +59,10 @@ class GatewayService:
         self.bus = bus
         self.sock = sock
         self.port: int = sock.getsockname()[1]
+        loads = any(r.local is not None and r.local.load_adapters for r in config.routes)
         self.gateway = Gateway(config, emit=bus.emit, capture=TrafficCapture(
-            store, batch_rows=config.capture.batch_rows, batch_seconds=config.capture.batch_seconds))
+            store, batch_rows=config.capture.batch_rows, batch_seconds=config.capture.batch_seconds),
+            adapters=AdapterLoader({r.name: r for r in config.routes}, store) if loads else None)
         self.app = create_app(self.gateway)
         self._server: Any = None
         self._serving: asyncio.Task[Any] | None = None

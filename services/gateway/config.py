@@ -33,6 +33,23 @@ class LocalConfig(_Strict):
                                    "the gateway answers from upstream instead (fallback 'timeout')")
     max_concurrency: int = Field(default=8, ge=1, description="Local requests open at once; one more falls "
                                  "back to upstream at once (fallback 'overloaded')")
+    load_adapters: bool = Field(default=False, description="When a promoted version's adapter is not served "
+                                "yet, download it from S3 into adapters_dir and load it with POST "
+                                "/v1/load_lora_adapter (llamaduo serve --adapters-dir, or vLLM with "
+                                "VLLM_ALLOW_RUNTIME_LORA_UPDATING); until then that version falls back "
+                                "('unavailable')")
+    adapters_dir: str | None = Field(default=None, description="Folder the local server loads adapters from, "
+                                     "seen at the same path by the gateway (same host or a shared volume); "
+                                     "each version goes to <adapters_dir>/<version>")
+    admin_api_key_env: str | None = Field(default=None, description="Environment variable holding the local "
+                                          "server's admin key for the adapter endpoints; default: api_key_env's")
+
+    @model_validator(mode="after")
+    def _adapters_need_a_folder(self) -> LocalConfig:
+        if self.load_adapters and not self.adapters_dir:
+            raise ValueError("load_adapters needs adapters_dir: the folder the local server loads adapters from "
+                             "(its --adapters-dir)")
+        return self
 
 
 class ValidatorConfig(_Strict):

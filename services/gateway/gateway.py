@@ -34,6 +34,7 @@ from typing import Any
 from llamaduo.contracts.events import Envelope, Subject, route_envelope
 from llamaduo.contracts.gateway import ChatMessage, RouteFallback, ShadowRequest, TrafficLogged
 from llamaduo.errors import ProviderError
+from llamaduo.services.gateway.adapters import AdapterLoader
 from llamaduo.services.gateway.capture import TrafficCapture
 from llamaduo.services.gateway.checks import Redactor, Validator, make_redactor, make_validator
 from llamaduo.services.gateway.config import GatewayConfig, RouteConfig
@@ -102,7 +103,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, *, emit: Emit | None = None, capture: TrafficCapture | None = None,
                  table: RouteTable | None = None, metrics: GatewayMetrics | None = None,
-                 routes: Mapping[str, Route] | None = None) -> None:
+                 routes: Mapping[str, Route] | None = None, adapters: AdapterLoader | None = None) -> None:
         self.config = config
         self.routes: dict[str, Route] = dict(routes) if routes is not None else {
             r.name: build_route(r) for r in config.routes}
@@ -110,6 +111,10 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.emit = emit
         self.capture = capture
+        #: loads promoted adapters onto local servers (routes with local.load_adapters); None: no hand-off
+        self.adapters = adapters
+        if adapters is not None:
+            self.table.listeners.append(adapters.on_change)
         #: draws the shadow sample of locally answered requests (canary, full); seed it for a reproducible sample
         self.shadow_rng = random.Random()
         self._background: set[asyncio.Task[Any]] = set()
@@ -123,6 +128,8 @@ class Gateway:
         """Read and watch the route states (``kv``: the routes bucket) and flush captured traffic periodically."""
         if kv is not None:
             await self.table.watch(kv)
+        if self.adapters is not None:
+            await self.adapters.start()
         if self.capture is not None:
             self._flusher = asyncio.ensure_future(self.capture.run())
 
@@ -137,6 +144,8 @@ class Gateway:
         elif self.capture is not None:
             await self.capture.flush()
         await self.table.stop()
+        if self.adapters is not None:
+            await self.adapters.aclose()
         for route in self.routes.values():
             with contextlib.suppress(Exception):
                 await route.upstream.aclose()
@@ -233,6 +242,8 @@ class Gateway:
 
     async def _local(self, route: Route, body: Any, messages: list[dict[str, str]], model: str) -> Answer:
         assert route.local is not None
+        if self.adapters is not None:
+            self.adapters.require(route.name)  # 'unavailable' until the version's adapter is loaded
         answer = await route.local.complete(body, model, messages)
         if route.validator is not None:
             try:

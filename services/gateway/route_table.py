@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from llamaduo.contracts.routes import RouteState
@@ -23,6 +24,8 @@ class RouteTable:
     def __init__(self) -> None:
         self.states: dict[str, RouteState] = {}
         self.changes = 0
+        #: called with (route, its new state or None) after each applied change (e.g. the adapter hand-off)
+        self.listeners: list[Callable[[str, RouteState | None], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._watcher: Any = None
 
@@ -45,6 +48,11 @@ class RouteTable:
         log.info("route state", extra={"route": key, "mode": state.mode if state else "off",
                                         "version": state.version if state else None,
                                         "percent": state.percent if state else 0})
+        for listener in self.listeners:
+            try:
+                listener(key, state)
+            except Exception:  # a listener's failure never stops the table following the bucket
+                log.warning("route change listener failed", exc_info=True, extra={"route": key})
 
     def _apply_entry(self, entry: Any) -> None:
         self.apply(entry.key, entry.value, entry.operation)

@@ -1,0 +1,216 @@
+"""Adapter hand-off: a promoted version's adapter goes from S3 into a running ``llamaduo serve --adapters-dir``
+without a restart. Real nats-server and S3, the fake OpenAI upstream, the tiny model served with admin keys, and
+PEFT adapters of it made here (random LoRA weights); the official ``openai`` client asks the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from fakes.llm_servers import FakeOpenAIServer
+from openai import AsyncOpenAI
+from support.bus import Recorder
+
+from llamaduo.bus.broker import Bus
+from llamaduo.cli.routes import change_route
+from llamaduo.contracts.events import Subject
+from llamaduo.contracts.routes import RouteState, promote, rollback
+from llamaduo.errors import SpecError
+from llamaduo.services.gateway.adapters import AdapterLoader, HandOffError, version_folder
+from llamaduo.services.gateway.app import GatewayService, bind
+from llamaduo.services.gateway.config import parse_routes
+from llamaduo.serving.server import ServerThread
+
+pytestmark = pytest.mark.slow
+
+UPSTREAM_ANSWER = "from the service LLM"
+KEY, ADMIN_KEY = "local-serve-key-123", "local-admin-key-456"
+
+
+def make_adapter(base: Path, dest: Path, seed: int) -> Path:
+    """A LoRA adapter of ``base`` with random (non-zero) weights saved in ``dest``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from llamaduo.models.loading import load_causal_lm
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(load_causal_lm(base), config).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llamaduo.models.tiny import build_tiny
+
+    folder = tmp_path_factory.mktemp("tiny")
+    build_tiny("llama", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def made(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("made")
+    return {v: make_adapter(tiny_model, root / v, seed) for v, seed in (("m-v1", 1), ("m-v2", 2), ("m-v3", 3))}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer(responder=UPSTREAM_ANSWER) as server:
+        yield server
+
+
+@pytest.fixture
+def local(tiny_model: Path, tmp_path: Path) -> Iterator[tuple[ServerThread, Path]]:
+    """``llamaduo serve --adapters-dir`` of the tiny base, behind serving and admin keys."""
+    from llamaduo.serving.app import create_app
+    from llamaduo.serving.guard import ServingLimits
+
+    adapters_dir = tmp_path / "adapters"
+    adapters_dir.mkdir()
+    app = create_app({"base": tiny_model}, limits=ServingLimits(api_keys=(KEY,), admin_api_keys=(ADMIN_KEY,)),
+                     adapters_dir=adapters_dir)
+    running = ServerThread.start(app)
+    yield running, adapters_dir
+    running.stop()
+
+
+def config(upstream: FakeOpenAIServer, local_url: str, adapters_dir: Path) -> dict[str, Any]:
+    return {"routes": [{
+        "name": "invoice",
+        "upstream": {"provider": "openai-compatible", "model": "gpt-4o-mini", "base_url": upstream.base_url,
+                     "max_retries": 0},
+        "local": {"base_url": f"{local_url}/v1", "api_key_env": "TEST_LOCAL_KEY", "load_adapters": True,
+                  "admin_api_key_env": "TEST_LOCAL_ADMIN_KEY", "adapters_dir": str(adapters_dir)},
+    }]}
+
+
+def adapter_key(version: str) -> str:
+    return f"migrations/{version}/round-0/adapter"
+
+
+async def served(local: ServerThread) -> list[str]:
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        return [m["id"] for m in (await http.get(f"{local.url}/v1/models")).json()["data"]]
+
+
+class Gw:
+    def __init__(self, service: GatewayService, recorder: Recorder) -> None:
+        self.service, self.recorder = service, recorder
+        self.client = AsyncOpenAI(base_url=f"{service.url}/v1", api_key="sk-client", max_retries=0)
+
+    async def ask(self) -> tuple[str, str, str | None]:
+        """(answered_by, text, local_version) of one request, from its traffic.logged event."""
+        reply = await self.client.chat.completions.create(
+            model="invoice", messages=[{"role": "user", "content": "Invoice 42"}], max_tokens=4)
+        for _ in range(200):
+            logged = [e for e in self.recorder.of(Subject.TRAFFIC_LOGGED) if e.payload.request_id == reply.id]
+            if logged:
+                return logged[0].payload.answered_by, reply.choices[0].message.content or "", \
+                    logged[0].payload.local_version
+            await asyncio.sleep(0.05)
+        raise AssertionError("no traffic.logged for the request")
+
+    async def until_local(self, version: str, seconds: float = 60.0) -> None:
+        for _ in range(int(seconds / 0.2)):
+            if (await self.ask())[0] == "local":
+                assert (await self.ask())[2] == version
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"version {version} never answered locally")
+
+
+async def gateway(settings: Any, store: Any, cfg: dict[str, Any]) -> AsyncIterator[Gw]:
+    bus = Bus(settings, "gateway")
+    service = GatewayService(bus, store, parse_routes(cfg), bind("127.0.0.1", 0))
+    assert service.gateway.adapters is not None
+    service.gateway.adapters.retry_seconds = 0.3
+    async with Recorder(settings) as recorder:
+        await service.start()
+        gw = Gw(service, recorder)
+        try:
+            yield gw
+        finally:
+            await gw.client.close()
+            await service.stop()
+            await bus.broker.stop()
+
+
+async def set_route(settings: Any, change: Any, reason: str = "promote") -> RouteState:
+    return (await change_route(settings, "invoice", change, reason=reason, actor="test"))[1]
+
+
+async def test_promoted_adapter_is_loaded_without_restart_and_rollback_keeps_it(
+        settings, store, upstream, local, made, monkeypatch) -> None:
+    server, adapters_dir = local
+    monkeypatch.setenv("TEST_LOCAL_KEY", KEY)
+    monkeypatch.setenv("TEST_LOCAL_ADMIN_KEY", ADMIN_KEY)
+    async for gw in gateway(settings, store, config(upstream, server.url, adapters_dir)):
+        loader = gw.service.gateway.adapters
+        # promoted before its adapter is in S3: the hand-off fails and is retried; requests fall back meanwhile
+        await set_route(settings, lambda s: promote(s, "m-v1", "full", local_model="invoice-m-v1",
+                                                    adapter_key=adapter_key("m-v1")))
+        assert await gw.ask() == ("upstream", UPSTREAM_ANSWER, None)
+        [fallback, *_] = await gw.recorder.wait_for(Subject.ROUTE_FALLBACK)
+        assert fallback.payload.reason == "unavailable" and "not loaded" in fallback.payload.detail
+        await asyncio.to_thread(store.put_dir, adapter_key("m-v1"), made["m-v1"])
+        await gw.until_local("m-v1")  # retried, downloaded, loaded: no restart of either server
+        assert (adapters_dir / "m-v1" / "adapter_config.json").is_file()
+        assert await served(server) == ["base", "invoice-m-v1"]
+
+        await asyncio.to_thread(store.put_dir, adapter_key("m-v2"), made["m-v2"])
+        await set_route(settings, lambda s: promote(s, "m-v2", "canary", 100, local_model="invoice-m-v2",
+                                                    adapter_key=adapter_key("m-v2")))
+        await gw.until_local("m-v2")
+        assert loader.loads == 2
+
+        await set_route(settings, rollback, reason="rollback")  # the previous name is still served: no load
+        await gw.until_local("m-v1", seconds=5)
+        assert loader.loads == 2 and await served(server) == ["base", "invoice-m-v1", "invoice-m-v2"]
+
+        # every replica may try: two loaders handing off one new version at once both succeed, one load wins
+        await asyncio.to_thread(store.put_dir, adapter_key("m-v3"), made["m-v3"])
+        state = promote(None, "m-v3", "full", local_model="invoice-m-v3", adapter_key=adapter_key("m-v3"))
+        routes = {r.name: r for r in parse_routes(config(upstream, server.url, adapters_dir)).routes}
+        replicas = [AdapterLoader(routes, store), AdapterLoader(routes, store)]
+        try:
+            await asyncio.gather(*(r.hand_off("invoice", state) for r in replicas))
+        finally:
+            for r in replicas:
+                await r.aclose()
+        assert all("invoice-m-v3" in r.served["invoice"] for r in replicas)
+        assert sum(r.loads for r in replicas) >= 1
+        assert (await served(server))[-1] == "invoice-m-v3"
+    changed = gw.recorder.of(Subject.ROUTE_CHANGED)
+    assert [e.payload.reason for e in changed] == ["promote", "promote", "rollback"]
+
+
+async def test_a_tampered_adapter_is_never_loaded(settings, store, upstream, local, made, monkeypatch) -> None:
+    server, adapters_dir = local
+    monkeypatch.setenv("TEST_LOCAL_KEY", KEY)
+    monkeypatch.setenv("TEST_LOCAL_ADMIN_KEY", ADMIN_KEY)
+    key = adapter_key("m-v1")
+    await asyncio.to_thread(store.put_dir, key, made["m-v1"])
+    await asyncio.to_thread(store.put_bytes, f"{key}/adapter_config.json", b'{"swapped": true}')
+    async for gw in gateway(settings, store, config(upstream, server.url, adapters_dir)):
+        await set_route(settings, lambda s: promote(s, "m-v1", "full", adapter_key=key))
+        await asyncio.sleep(1.0)  # a few tries
+        assert [await gw.ask() for _ in range(2)] == [("upstream", UPSTREAM_ANSWER, None)] * 2
+    assert await served(server) == ["base"]
+    assert not (adapters_dir / "m-v1").exists() and list(adapters_dir.iterdir()) == []
+
+
+def test_adapters_need_a_folder_and_versions_must_be_folder_names() -> None:
+    route = {"name": "r", "upstream": {"provider": "openai-compatible", "model": "m", "base_url": "http://x/v1"},
+             "local": {"base_url": "http://127.0.0.1:1/v1", "load_adapters": True}}
+    with pytest.raises(SpecError, match=r"routes\.0\.local.*load_adapters needs adapters_dir"):
+        parse_routes({"routes": [route]})
+    assert version_folder("/srv/adapters", "m-abc").as_posix() == "/srv/adapters/m-abc"
+    for bad in ("../etc", "a/b", "..", ""):
+        with pytest.raises(HandOffError, match="cannot name a folder"):
+            version_folder("/srv/adapters", bad)
