@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     serve_max_total_tokens: int = Field(default=16384, gt=0, description="Cap on max_tokens x n (400 beyond)")
     serve_max_concurrent: int = Field(default=4, gt=0, description="Generations running at once")
     serve_max_waiting: int = Field(default=16, ge=0, description="Generations waiting for a slot (429 beyond)")
+    gateway_max_concurrent: int = Field(
+        default=256, gt=0, description="Gateway: requests answered at once (it only relays: far above a model's)")
+    gateway_max_waiting: int = Field(default=1024, ge=0, description="Gateway: requests waiting (429 beyond)")
 
     # Local
     work_dir: Path = Field(default=Path(".data/work"), description="Scratch space for models and datasets")
