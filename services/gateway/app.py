@@ -1,10 +1,12 @@
 """Gateway bus adapter: the OpenAI-compatible front of the routes in ``LLAMADUO_GATEWAY_ROUTES``, run as a
 service (``llamaduo gateway --routes routes.yaml`` sets the variables and runs ``llamaduo service gateway``).
 
-It consumes no subject: it *watches* the routes' KV bucket (``<stream>_ROUTES``, :func:`routes_bucket`), so a
+It *watches* the routes' KV bucket (``<stream>_ROUTES``, :func:`routes_bucket`), so a
 ``llamaduo promote`` / ``llamaduo rollback`` applies on every replica without a restart, and it *publishes*
-``traffic.logged`` and ``route.fallback`` (the gateway's events, :mod:`llamaduo.contracts.gateway`) through the
-bus. Captured traffic goes to S3 through the one :class:`ArtifactStore`. Without ``LLAMADUO_GATEWAY_ROUTES``
+``traffic.logged``, ``route.fallback`` and ``shadow.request`` (the gateway's events,
+:mod:`llamaduo.contracts.gateway`) through the bus. It consumes one subject, ``shadow.scored``, in the shadow
+watch shared by the replicas (:mod:`llamaduo.services.gateway.watch`: rolling scores, ``route.degraded``, the
+re-migration). Captured traffic goes to S3 through the one :class:`ArtifactStore`. Without ``LLAMADUO_GATEWAY_ROUTES``
 (e.g. when the contract documentation registers every service) nothing is started.
 
 The listening socket is bound when the service is built, so an address in use fails the start with its reason;
@@ -29,6 +31,7 @@ from llamaduo.services.gateway.capture import TrafficCapture
 from llamaduo.services.gateway.config import GatewayConfig, load_routes
 from llamaduo.services.gateway.gateway import Gateway
 from llamaduo.services.gateway.server import create_app
+from llamaduo.services.gateway.watch import register_watch
 from llamaduo.storage.store import ArtifactStore
 
 log = logging.getLogger("llamaduo.gateway")
@@ -126,6 +129,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
     port = os.environ.get(PORT_ENV, str(DEFAULT_PORT))
     if not port.isdigit():
         raise SpecError(f"{PORT_ENV}={port!r} is not a TCP port number")
+    register_watch(bus, config)  # a wrong re-migration template fails the start, naming its file
     service = GatewayService(bus, store, config, bind(os.environ.get(HOST_ENV, DEFAULT_HOST), int(port)))
     service.task = loop.create_task(service.run(), name="llamaduo-gateway")
     bus.gateway = service  # type: ignore[attr-defined]  # reachable for diagnostics

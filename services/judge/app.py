@@ -1,5 +1,6 @@
 """Judge bus adapter: ``judge.request`` (one shared durable consumer: add workers, throughput grows)
--> service-LLM judgements -> ``eval.scored``.
+-> service-LLM judgements -> ``eval.scored``; and ``shadow.request`` (a gateway route's live answers, its own
+durable consumer) -> ``shadow.scored`` (:mod:`llamaduo.services.judge.shadow`: same rubric, no budget).
 
 A batch of a round whose judging the controller closed early (marker object
 ``round-N/judging-closed``, see the controller's early stopping) is acknowledged without a provider call
@@ -26,7 +27,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from llamaduo.bus.broker import Bus, Delivery, PermanentError
-from llamaduo.contracts.events import EvalScored, JudgeRequestEvent, Subject
+from llamaduo.contracts.events import EvalScored, JudgeRequestEvent, ShadowRequestEvent, Subject
 from llamaduo.providers.base import Provider, make_provider
 from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
 from llamaduo.providers.shared_limits import make_shared_provider
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("llamaduo.judge")
 
 JUDGING = Delivery(max_deliver=5, ack_wait=60.0, backoff=(2.0, 10.0, 30.0, 60.0))
+#: A shadow comparison is one call: fewer retries (a lost one only thins the rolling window).
+SHADOW_JUDGING = Delivery(max_deliver=3, ack_wait=60.0, backoff=(2.0, 10.0))
 
 
 def register(bus: Bus, store: ArtifactStore) -> None:
@@ -53,6 +56,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                 return False
             closed.add((migration_id, round))
         return True
+
+    register_shadow(bus)
 
     @bus.consumer(Subject.JUDGE_REQUEST, "judge", JUDGING)
     async def on_judge_request(event: JudgeRequestEvent) -> None:
@@ -92,3 +97,24 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             batch=event.payload.batch, batches=event.payload.batches, scores=scores, usage=usage,
             provider=judged_by, budget_exhausted=exhausted, scores_ref=stored, split=split,
         ), key=f"scored-{event.payload.batch}" if split == "eval" else f"scored-{split}-{event.payload.batch}"))
+
+
+def register_shadow(bus: Bus) -> None:
+    """Consume ``shadow.request`` (durable ``judge-shadow``, shared by the judge replicas) -> ``shadow.scored``."""
+    from llamaduo.bus.topology import JUDGE_SHADOW
+    from llamaduo.contracts.spec import ProviderSpec, TaskSpec
+    from llamaduo.services.judge.shadow import ShadowJudge
+
+    async def make(spec: ProviderSpec, task: TaskSpec) -> Provider:
+        return await make_shared_provider(bus, spec, task, make=make_provider)
+
+    judge = ShadowJudge(make)
+
+    @bus.consumer(Subject.SHADOW_REQUEST, JUDGE_SHADOW, SHADOW_JUDGING)
+    async def on_shadow_request(event: ShadowRequestEvent) -> None:
+        """Judge a route's local answer against its upstream answer (the eval rubric) -> ``shadow.scored``."""
+        scored, usage = await judge.score(event.payload)
+        log.info("shadow judged", extra={"route": scored.route, "version": scored.version,
+                                         "similarity": scored.similarity, "failed": scored.failed,
+                                         "calls": usage.calls if usage else 0})
+        await bus.emit(event.follow(Subject.SHADOW_SCORED, scored, key=f"shadow-scored-{scored.request_id}"))
