@@ -46,6 +46,7 @@ from llamaduo.storage.store import ArtifactStore
 from llamaduo.tasks.plugins import refused_code
 
 from . import domain
+from .ending import awaiting_baseline_lookup, begin_baseline
 from .promotion import Promoter
 
 log = logging.getLogger("llamaduo.controller")
@@ -154,8 +155,10 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                          threaded: bool = False,
                          before_commit: Callable[[MigrationState], Awaitable[None]] | None = None) -> bool:
         """Apply ``event`` to its migration's state and commit the outputs; False when there is no such
-        migration. ``before_commit`` runs after ``apply``, before anything is saved or published; so does the
-        promotion of a migration the event completed (route state written, ``route.changed`` added)."""
+        migration. ``before_commit`` runs after ``apply``, before anything is saved or published; so do the
+        look-up of the route's current version when the migration passed with ``promotion.only_if_better`` (its
+        adapter copied, the baseline requested) and the promotion of a migration the event completed (route state
+        written, ``route.changed`` added)."""
         async with locks[event.migration_id]:
             state, rev = await states.load(event.migration_id)
             if state is None or rev is None:
@@ -167,6 +170,9 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             outputs = await asyncio.to_thread(apply, state) if threaded else apply(state)
             if before_commit is not None:
                 await before_commit(state)
+            if awaiting_baseline_lookup(state):  # passed with only_if_better: judge the route's current version
+                version, adapter = await promoter.baseline(state, store)
+                outputs = [*outputs, *begin_baseline(state, event, version, adapter)]
             outputs = [*outputs, *await promoter.on_transition(state, outputs)]
             state.mark_applied(event.event_id)
             for rnd in state.rounds:  # judging closed with batches left: judge workers skip them

@@ -18,15 +18,11 @@ from collections.abc import Callable
 
 from llamaduo.contracts.events import (
     CANCELLED_REASON,
-    ArtifactRef,
     Envelope,
     EvalScored,
     InferDone,
-    InferRequest,
     MigrationCancel,
-    MigrationCompleted,
     MigrationFailed,
-    MigrationProgress,
     RoundSummary,
     Stage,
     Subject,
@@ -36,21 +32,23 @@ from llamaduo.contracts.events import (
     TrainRequest,
 )
 from llamaduo.contracts.spec import MigrationSpec
-from llamaduo.contracts.state import PENDING_KEEP, DataRefs, GateStats, HoldoutState, MigrationState, RoundState
+from llamaduo.contracts.state import PENDING_KEEP, DataRefs, GateStats, MigrationState, RoundState
 from llamaduo.services.controller.early_stopping import GateInterval, Verdict, sequential_decision
+from llamaduo.services.controller.ending import (
+    baseline_end,
+    final,
+    holdout_end,
+    on_baseline_scored,
+    on_holdout_scored,
+)
+from llamaduo.services.controller.ending import end as _end
+from llamaduo.services.controller.ending import progress as _progress
 from llamaduo.services.controller.gate import aggregate_stats
-from llamaduo.storage.keys import batch_scores_prefix, migration_key
+from llamaduo.storage.keys import batch_scores_prefix
 
 Outputs = list[Envelope]
 #: Statistics of batch ``batch`` of round ``round``, read back from its S3 object (the bus adapter's I/O).
 BatchLoader = Callable[[int, int], GateStats]
-
-
-def _progress(state: MigrationState, cause: Envelope, round: int, stage: Stage, detail: str = "",
-              **counts: int) -> Envelope:
-    state.stage = stage
-    return cause.follow(Subject.MIGRATION_PROGRESS, MigrationProgress(stage=stage, detail=detail, **counts),
-                        round=round, key=f"progress-{stage}-{detail}")
 
 
 def start(cause: Envelope, spec: MigrationSpec, data: DataRefs) -> tuple[MigrationState, Outputs]:
@@ -104,8 +102,11 @@ def on_eval_scored(state: MigrationState, event: Envelope[EvalScored], load: Bat
     reads back a batch that arrived ahead of the prefix when the state did not keep its statistics (more than
     ``PENDING_KEEP`` ahead); each batch is loaded at most once, so the work stays flat on average.
     """
-    if getattr(event.payload, "split", "eval") == "holdout":
+    split = getattr(event.payload, "split", "eval")
+    if split == "holdout":
         return on_holdout_scored(state, event)
+    if split == "baseline":
+        return on_baseline_scored(state, event)
     rnd = state.current(event.round)
     p = event.payload
     if rnd is None or state.done or rnd.has_batch(p.batch):
@@ -278,106 +279,35 @@ def on_synth_ready(state: MigrationState, event: Envelope[SynthReady]) -> Output
 
 def fail(state: MigrationState, cause: Envelope, reason: str, detail: str) -> Outputs:
     """End the migration as failed, keeping its best model so far (after judging the holdout with it, see
-    :func:`_end`). While the holdout is being judged (work of it dead-lettered), end at once with the gate
-    result and a note: the holdout never changes the outcome."""
+    :func:`~.ending.end`). While the holdout is being judged (work of it dead-lettered), end at once with the
+    gate result and a note: the holdout never changes the outcome. While the baseline is (``only_if_better``),
+    complete without promoting: the model could not be shown better."""
     if state.done:
         return []
+    if state.stage == Stage.BASELINE:
+        return baseline_end(state, cause, note=f"baseline not judged in full: {detail}")
     if state.ending:
-        return _holdout_end(state, cause, note=f"holdout not judged in full: {detail}")
+        return holdout_end(state, cause, note=f"holdout not judged in full: {detail}")
     current = state.rounds[-1] if state.rounds else None
     if current is not None and current.batches is not None and current.batches_outstanding:
         current.judging_closed = True  # judges skip what is left of this round
     return _end(state, cause, state.best_round(), reason, detail)
 
 
-#: Failure reasons after which the holdout is not judged: the judge cannot (or may not) be asked again.
-NO_HOLDOUT_AFTER = {"budget": "the service budget is spent", "judge_unavailable": "the judge is unavailable",
-                    CANCELLED_REASON: "the migration was cancelled"}
-
-
 def cancel(state: MigrationState, event: Envelope[MigrationCancel]) -> Outputs:
     """``migration.cancel``: end now as ``cancelled`` (stage cancelled, ``migration.failed`` reason
     ``cancelled``), keeping the best round so far as the model; the open round's outstanding judge batches
-    are skipped, no holdout is judged. A finished (or already cancelled) migration is left as it is."""
+    are skipped, no holdout is judged; during the baseline stage it ends cancelled too (nothing promoted). A
+    finished (or already cancelled) migration is left as it is."""
     if state.done:
         return []
     who = f" by {event.payload.requested_by}" if event.payload.requested_by else ""
     detail = f"cancelled{who}" + (f": {event.payload.reason}" if event.payload.reason else "")
+    if state.stage == Stage.BASELINE and state.baseline is not None:  # passed, comparing: end it as cancelled
+        return final(state, event, state.rounds[state.baseline.round], CANCELLED_REASON, detail)
     if state.ending and state.holdout is not None:  # the holdout was being judged: stop that too
         state.holdout.outcome, state.holdout.detail = CANCELLED_REASON, detail
     return fail(state, event, CANCELLED_REASON, detail)
-
-
-def _end(state: MigrationState, cause: Envelope, chosen: RoundState | None, outcome: str,
-         detail: str = "") -> Outputs:
-    """The decision is taken (``outcome``: 'completed' or a failure reason; ``chosen``: the round handed over).
-    With a holdout split and a chosen adapter, first have that adapter answer the holdout (``infer.request``,
-    once: deterministic id) and judge all of it; the final event follows in :func:`_holdout_end`."""
-    holdout = state.data.holdout if state.data is not None else None
-    if chosen is None or chosen.adapter is None or holdout is None or not holdout.rows:
-        return _final(state, cause, chosen, outcome, detail)
-    if outcome in NO_HOLDOUT_AFTER:
-        if chosen.summary is not None:
-            chosen.summary.holdout_note = f"holdout not judged: {NO_HOLDOUT_AFTER[outcome]}"
-        return _final(state, cause, chosen, outcome, detail)
-    k = state.parsed_spec.student.inference.samples_per_prompt
-    state.holdout = HoldoutState(round=chosen.round, outcome=outcome, detail=detail, to_judge=holdout.rows * k)
-    return [
-        _progress(state, cause, chosen.round, Stage.HOLDOUT, f"round {chosen.round}", judged=0,
-                  to_judge=holdout.rows * k),
-        cause.follow(Subject.INFER_REQUEST, InferRequest(adapter=chosen.adapter), round=chosen.round, key="holdout"),
-    ]
-
-
-def on_holdout_scored(state: MigrationState, event: Envelope[EvalScored]) -> Outputs:
-    """Collect one judged holdout batch (all of them are judged: no early stopping); when all are in, publish
-    the final event with the holdout aggregates. Never changes a decision."""
-    h, p = state.holdout, event.payload
-    if h is None or state.done or event.round != h.round or h.has_batch(p.batch):
-        return []
-    h.mark_batch(p.batch)
-    h.batches = p.batches
-    h.stats = h.stats + GateStats.from_scores(p.scores)
-    h.usage = h.usage + p.usage
-    state.usage = state.usage + p.usage
-    if h.received_count < p.batches:
-        return [_progress(state, event, h.round, Stage.HOLDOUT, detail=f"batch {h.received_count}",
-                          judged=h.stats.answers, to_judge=h.to_judge)]
-    return _holdout_end(state, event)
-
-
-def _holdout_end(state: MigrationState, cause: Envelope, note: str = "") -> Outputs:
-    """Put the holdout aggregates (whatever was judged) on the chosen round's summary; publish the final event."""
-    h = state.holdout
-    assert h is not None
-    chosen = state.rounds[h.round]
-    if chosen.summary is not None:
-        s = chosen.summary
-        s.holdout_aggregates = {k: float(v) for k, v in aggregate_stats(h.stats).items()} if h.stats.judged else {}
-        s.holdout_judged, s.holdout_to_judge = h.stats.judged, h.to_judge
-        notes = [note] if note else []
-        if h.stats.failed:
-            notes.append(f"the judge failed on {h.stats.failed} of {h.stats.answers} holdout answers")
-        s.holdout_note = "; ".join(notes)
-    return _final(state, cause, chosen, h.outcome, h.detail)
-
-
-def _final(state: MigrationState, cause: Envelope, chosen: RoundState | None, outcome: str,
-           detail: str) -> Outputs:
-    """``migration.completed`` (``outcome`` 'completed') or ``migration.failed`` with ``chosen`` as the model
-    (stage cancelled for the reason ``cancelled``)."""
-    summaries = [r.summary for r in state.rounds if r.summary]
-    if outcome == "completed" and chosen is not None:
-        state.stage, state.outcome = Stage.COMPLETED, "completed"
-        return [cause.follow(Subject.MIGRATION_COMPLETED, MigrationCompleted(
-            model=chosen.adapter or ArtifactRef(key=""), best_round=chosen.round, rounds=summaries,
-            usage=state.usage, report=ArtifactRef(key=migration_key(state.migration_id, "report", "report.html")),
-        ), key="completed")]
-    state.stage, state.outcome = Stage.CANCELLED if outcome == CANCELLED_REASON else Stage.FAILED, outcome
-    return [cause.follow(Subject.MIGRATION_FAILED, MigrationFailed(
-        reason=outcome, detail=detail, best_model=chosen.adapter if chosen else None,
-        best_round=chosen.round if chosen else None, rounds=summaries, usage=state.usage,
-    ), key="failed")]
 
 
 def failed_before_start(cause: Envelope, reason: str, detail: str) -> Envelope:

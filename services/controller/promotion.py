@@ -5,19 +5,27 @@ When a transition completes a migration whose spec has ``promotion``, the contro
 :class:`~llamaduo.bus.kv_cell.KVCell`; every gateway replica watches it) and adds ``route.changed`` to the
 transition's outputs (outbox, deterministic id). It runs before the transition is saved: a crash re-runs it on
 redelivery, and promoting a version the route already has changes nothing but the write time.
+
+With ``promotion.only_if_better`` the domain decides (``MigrationCompleted.promotion``) after judging the route's
+current version on the eval split: :meth:`Promoter.baseline` looks that version up and copies its adapter under
+this migration's prefix (the key comes from the operator-controlled routes bucket, never from the bus); only a
+``promoted`` completion changes the route.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from llamaduo.bus.kv_cell import KVCell
 from llamaduo.bus.topology import ROUTES_HISTORY, routes_bucket
-from llamaduo.contracts.events import Envelope, MigrationCompleted, RouteChanged, Subject, route_envelope
+from llamaduo.contracts.events import ArtifactRef, Envelope, MigrationCompleted, RouteChanged, Subject, route_envelope
 from llamaduo.contracts.routes import RouteState, promote, rollback
 from llamaduo.contracts.spec import MigrationSpec, PromotionSpec, parse_spec
 from llamaduo.contracts.state import MigrationState
+from llamaduo.storage.keys import baseline_adapter_key
+from llamaduo.storage.store import ArtifactStore
 
 log = logging.getLogger("llamaduo.controller.promotion")
 
@@ -65,9 +73,27 @@ class Promoter:
                                                         history=ROUTES_HISTORY)
         return KVCell(self._kv, route, what="route", decode=RouteState.from_bytes, encode=RouteState.to_bytes)
 
+    async def baseline(self, state: MigrationState, store: ArtifactStore) -> tuple[str | None, ArtifactRef | None]:
+        """The route's current version and its adapter copied under this migration's prefix (``round-N/baseline/
+        adapter``, sha256 of its index recorded), for ``only_if_better``; ``(None, None)`` when the route has no
+        current version with an adapter (or it is this migration's own, promoted by an interrupted run)."""
+        promotion = state.parsed_spec.promotion
+        if promotion is None or state.baseline is None:
+            return None, None
+        current, _ = await (await self._cell(promotion.route)).read()
+        if current is None or current.version is None or not current.adapter_key:
+            return None, None
+        if current.version == state.migration_id:
+            return None, None
+        copy = await asyncio.to_thread(store.copy_dir, current.adapter_key,
+                                       baseline_adapter_key(state.migration_id, state.baseline.round))
+        log.info("baseline adapter copied", extra={"migration_id": state.migration_id, "route": promotion.route,
+                                                   "version": current.version, "adapter": copy.key})
+        return current.version, copy
+
     async def on_transition(self, state: MigrationState, outputs: list[Envelope]) -> list[Envelope]:
-        """Extra outputs of a transition: ``route.changed`` when it completed a migration with ``promotion``
-        (the route state written first), else none."""
+        """Extra outputs of a transition: ``route.changed`` when it completed a migration whose model is to be
+        promoted (``promotion: promoted``; the route state written first), else none."""
         completed = completed_event(outputs)
         if completed is None:
             return []
@@ -78,6 +104,10 @@ class Promoter:
         payload = completed.payload
         if not isinstance(payload, MigrationCompleted):
             payload = MigrationCompleted.model_validate(payload)
+        if payload.promotion != "promoted":
+            log.info("route kept", extra={"migration_id": state.migration_id, "route": promotion.route,
+                                          "promotion": payload.promotion, "detail": payload.promotion_detail})
+            return []
         def apply(current: RouteState | None) -> tuple[RouteState, tuple[RouteState, RouteState | None]]:
             new, previous = promoted_state(current, spec, promotion, state.migration_id, payload)
             return new, (new, previous)

@@ -9,7 +9,9 @@
   (whichever takes the event) serves it.
 * ``infer.request`` (split ``holdout``, sent once by the controller at the end) -> answer the holdout split with
   the chosen round's adapter (shards and predictions under ``round-N/holdout/``) -> ``judge.request`` batches
-  with ``split: holdout`` (no ``infer.done``: the batches carry their count).
+  with ``split: holdout`` (no ``infer.done``: the batches carry their count). Split ``baseline``
+  (``promotion.only_if_better``): the same for the eval split, answered by the route's current adapter as the
+  controller copied it under this migration's prefix (``round-N/baseline/``).
 
 A cancelled migration's answering stops before its next shard (nothing more stored, nothing published).
 """
@@ -32,7 +34,7 @@ from llamaduo.contracts.events import (
 from llamaduo.data.examples import Example
 from llamaduo.services.inference.serve_after import Servers, serve_completed
 from llamaduo.services.inference.shards import predict_round
-from llamaduo.storage.keys import data_key
+from llamaduo.storage.keys import answered_data_key, data_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
 INFERENCE = Delivery(max_deliver=3, ack_wait=60.0, backoff=(5.0, 30.0))
@@ -56,10 +58,11 @@ def register(bus: Bus, store: ArtifactStore) -> None:
 
     @bus.consumer(Subject.INFER_REQUEST, "inference-request", INFERENCE)
     async def on_infer_request(event: InferRequestEvent) -> None:
-        """Answer the holdout split with the chosen round's adapter and hand the answers to the judges."""
+        """Answer the holdout split with the chosen round's adapter (or the eval split with the baseline's) and
+        hand the answers to the judges."""
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         split = event.payload.split
-        prompts = await asyncio.to_thread(store.read_models, data_key(event.migration_id, split), Example)
+        prompts = await asyncio.to_thread(store.read_models, answered_data_key(event.migration_id, split), Example)
         model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}-{split}"
         items, _ = await asyncio.to_thread(
             predict_round, store, spec, prompts, event.migration_id, event.round, event.payload.adapter, model_dir,

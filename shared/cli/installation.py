@@ -51,14 +51,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     states = asyncio.run(list_states(load_settings(), args.id))
     if args.json:
         print(json.dumps([{"migration_id": s.migration_id, "stage": str(s.stage), "outcome": s.outcome,
-                           "round": len(s.rounds) - 1, "rounds": _round_rows(s)} for s in states]))
+                           "round": len(s.rounds) - 1, "rounds": _round_rows(s),
+                           **({"promotion": s.promotion, "promotion_detail": s.promotion_detail}
+                              if s.promotion else {})} for s in states]))
         return 0
     if not states:
         print("no migrations")
     for s in states:
-        print(f"{s.migration_id}: {s.stage} (round {len(s.rounds) - 1}){' ' + s.outcome if s.outcome else ''}")
+        print(f"{s.migration_id}: {s.stage} (round {len(s.rounds) - 1}){' ' + s.outcome if s.outcome else ''}"
+              + (f", {s.promotion}" if s.promotion in ("promoted", "kept_current") else ""))
         if not args.id:
             continue
+        if s.promotion in ("promoted", "kept_current"):
+            print(f"  promotion: {s.promotion}: {s.promotion_detail}")
         for row in _round_rows(s):
             value = "-" if row["value"] is None else f"{row['value']:.1f}"
             agg = row["aggregates"]

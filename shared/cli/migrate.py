@@ -47,6 +47,8 @@ def summary(migration_id: str, final: Envelope | None) -> dict[str, Any]:
     if hasattr(p, "model"):
         out["model"] = p.model.key
         out["best_round"] = p.best_round
+        out["promotion"], out["promotion_detail"] = p.promotion, p.promotion_detail
+        out["baseline_score"] = p.baseline.score if p.baseline else None
     else:
         out["reason"], out["detail"] = p.reason, p.detail
         out["model"] = p.best_model.key if p.best_model else None
@@ -94,6 +96,8 @@ def print_table(summary: dict[str, Any], stream: IO[str]) -> None:
     if summary.get("model"):
         kept = f" (best round {summary.get('best_round')}, kept)" if summary["status"] == "cancelled" else ""
         console.print(f"model: {summary['model']}{kept}")
+    if summary.get("promotion") in ("promoted", "kept_current"):
+        console.print(f"promotion: {summary['promotion']}: {summary.get('promotion_detail')}")
     if summary["status"] == "cancelled":
         console.print(f"cancelled: {summary.get('detail')}")
     elif summary["status"] != "completed":

@@ -102,6 +102,7 @@ class Stage(StrEnum):
     JUDGING = "judging"
     SYNTHESIS = "synthesis"
     HOLDOUT = "holdout"
+    BASELINE = "baseline"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -162,17 +163,22 @@ class TrainDone(BaseModel):
     )
 
 
-#: The split a judge batch belongs to: ``eval`` gates rounds; ``holdout`` is judged once at the end.
-Split = Literal["eval", "holdout"]
+#: The split a judge batch belongs to: ``eval`` gates rounds; ``holdout`` is judged once at the end; ``baseline``
+#: is the eval split answered by the route's current model (``promotion.only_if_better``), judged before promoting.
+Split = Literal["eval", "holdout", "baseline"]
 
 
 class InferRequest(BaseModel):
     """Answer a stored split with an adapter, then hand the answers to the judges (``judge.request`` with
-    ``split``). The controller sends it once, for the holdout, with the chosen round's adapter; the envelope's
-    ``round`` is that round."""
+    ``split``). The controller sends it once for the holdout, with the chosen round's adapter, and once for the
+    baseline (``promotion.only_if_better``), with its copy of the route's current adapter; the envelope's
+    ``round`` is the chosen round."""
 
-    adapter: ArtifactRef = Field(description="The chosen round's adapter (verified against its sha256)")
-    split: Literal["holdout"] = Field(default="holdout", description="Which stored split to answer")
+    adapter: ArtifactRef = Field(description="The adapter to answer with, under the migration's prefix (verified "
+                                 "against its sha256)")
+    split: Literal["holdout", "baseline"] = Field(
+        default="holdout", description="'holdout': answer the holdout split; 'baseline': answer the eval split "
+        "(data/test.jsonl) with the route's current model, to compare before promoting")
 
 
 class InferDone(BaseModel):
@@ -195,8 +201,9 @@ class JudgeRequest(BaseModel):
     batches: int = Field(description="Number of batches in the round")
     items: list[JudgeItem]
     split: Split = Field(
-        default="eval", description="'holdout': judged in full (never skipped by a closed round), scores stored "
-        "apart (round-N/holdout/scores/), never used for a decision")
+        default="eval", description="'holdout' or 'baseline': judged in full (never skipped by a closed round), "
+        "scores stored apart (round-N/<split>/scores/); a holdout never decides anything, a baseline only whether "
+        "the model is promoted")
 
 
 class Score(BaseModel):
@@ -318,12 +325,38 @@ class MigrationProgress(BaseModel):
     to_judge: int | None = None
 
 
+#: What became of a completed migration's model on its gateway route: ``promoted`` (the spec's ``promotion``
+#: applied), ``kept_current`` (``only_if_better`` and it did not beat the current version), ``none`` (no promotion).
+Promotion = Literal["promoted", "kept_current", "none"]
+
+
+class BaselineResult(BaseModel):
+    """The route's current version judged on this migration's eval split (``promotion.only_if_better``)."""
+
+    version: str = Field(description="The route's current version (the migration id that produced it)")
+    adapter: ArtifactRef = Field(description="Its adapter as copied under this migration's prefix (what answered)")
+    gate_metric: str = Field(default="", description="The gate aggregate compared (judge.gate)")
+    score: float | None = Field(default=None, description="Its gate value on the eval split; None: nothing judged")
+    aggregates: dict[str, float] = Field(default_factory=dict, description="Every aggregate of its answers")
+    judged: int = Field(default=0, description="Answers judged (the aggregates are over these)")
+    to_judge: int = Field(default=0, description="Answers produced for judging (eval prompts x K)")
+    note: str = Field(default="", description="Why the baseline is missing or partial, if it is")
+
+
 class MigrationCompleted(BaseModel):
     model: ArtifactRef = Field(description="The chosen adapter")
     best_round: int
     rounds: list[RoundSummary]
     report: ArtifactRef | None = None
     usage: Usage = Field(default_factory=Usage)
+    promotion: Promotion = Field(
+        default="none", description="promoted: the spec's promotion is applied (route.changed follows); "
+        "kept_current: promotion.only_if_better and the model did not beat the route's current version on the "
+        "same eval split (the route is unchanged, the model is kept); none: the spec has no promotion")
+    promotion_detail: str = Field(default="", description="Why, with both gate values when they were compared")
+    baseline: BaselineResult | None = Field(
+        default=None, description="The route's current version judged on the eval split (only_if_better with a "
+        "current version that has an adapter); None otherwise")
 
 
 class MigrationCancel(BaseModel):

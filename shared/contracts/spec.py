@@ -447,6 +447,11 @@ class PromotionSpec(_Strict):
         default=10.0, gt=0, le=100, description="Share of users (sticky per user) the model answers in canary mode")
     when: Literal["completed"] = Field(default="completed", description="When to promote: when the migration "
                                        "completes (passes its gate)")
+    only_if_better: bool = Field(
+        default=False, description="Promote only if the model beats the route's current version: before promoting, "
+        "the current version (its adapter copied under this migration's prefix) answers this migration's eval "
+        "split and is judged like a round; promoted only when the new gate value is strictly greater, else the "
+        "route keeps its version (the migration still completes). A route without a current version is promoted")
 
     @field_validator("route")
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llamaduo.contracts.events import ArtifactRef, Envelope, RoundSummary, Score, Stage, Usage
+from llamaduo.contracts.events import ArtifactRef, Envelope, Promotion, RoundSummary, Score, Stage, Usage
 from llamaduo.contracts.spec import MigrationSpec
 
 #: How many recent event ids :attr:`MigrationState.applied` keeps (a fast path; handlers are idempotent).
@@ -165,6 +165,25 @@ class HoldoutState(BatchLedger):
     usage: Usage = Field(default_factory=Usage)
 
 
+class BaselineState(BatchLedger):
+    """Before promoting with ``promotion.only_if_better``: the route's current version (its adapter copied under
+    this migration's prefix) answers the eval split and the judge scores all of it; the migration then completes,
+    promoted only when the chosen round's gate value is strictly greater. Bounded like a round: a bitmap and sums.
+
+    Entered (stage baseline) with ``looked_up`` False; the bus adapter then reads the route's current version and
+    copies its adapter within the same transition (:func:`~llamaduo.services.controller.domain.begin_baseline`)."""
+
+    round: int = Field(description="The chosen round, whose gate value the baseline must not reach")
+    looked_up: bool = Field(default=False, description="The route's current version was looked up")
+    version: str | None = Field(default=None, description="The route's current version; None: nothing to beat")
+    adapter: ArtifactRef | None = Field(default=None, description="Its adapter, copied under this migration")
+    to_judge: int = Field(default=0, description="Baseline answers expected (eval prompts x K)")
+    batches: int | None = None
+    stats: GateStats = Field(default_factory=GateStats)
+    usage: Usage = Field(default_factory=Usage)
+    note: str = Field(default="", description="Why the baseline was not judged in full, if it was not")
+
+
 class MigrationState(BaseModel):
     """Everything the controller knows about one migration."""
 
@@ -188,6 +207,11 @@ class MigrationState(BaseModel):
     outcome: str | None = None
     holdout: HoldoutState | None = Field(
         default=None, description="Set when the migration ended and its holdout is being judged (stage holdout)")
+    baseline: BaselineState | None = Field(
+        default=None, description="Set when the migration passed with promotion.only_if_better (stage baseline)")
+    promotion: Promotion | None = Field(
+        default=None, description="What became of the model on its route once completed (see MigrationCompleted)")
+    promotion_detail: str = Field(default="", description="Why (both gate values when they were compared)")
 
     @property
     def done(self) -> bool:
@@ -196,8 +220,8 @@ class MigrationState(BaseModel):
 
     @property
     def ending(self) -> bool:
-        """True while the decision is taken and only the holdout judgement is left (no more rounds)."""
-        return self.stage == Stage.HOLDOUT
+        """True while the decision is taken and only the holdout or baseline judgement is left (no more rounds)."""
+        return self.stage in (Stage.HOLDOUT, Stage.BASELINE)
 
     @property
     def parsed_spec(self) -> MigrationSpec:

@@ -30,6 +30,14 @@ def migration_key(migration_id: str, *parts: str) -> str:
     return "/".join(["migrations", migration_id, *(_check_part(p) for p in parts)])
 
 
+def check_key(key: str) -> str:
+    """``key`` when it is a plain relative key; raise :class:`StoreError` when it is absolute or holds
+    ``.``/``..``/empty parts or a backslash."""
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise StoreError(f"artifact key {key!r} is not allowed: absolute, or with empty, '.' or '..' parts")
+    return key
+
+
 def require_own_key(migration_id: str, key: str, allowed_prefixes: Iterable[str] = ()) -> str:
     """``key`` when it lies under the migration's prefix ``migrations/{id}/`` (or one of ``allowed_prefixes``,
     the operator's dataset prefixes); raise :class:`StoreError` naming the key otherwise.
@@ -41,9 +49,7 @@ def require_own_key(migration_id: str, key: str, allowed_prefixes: Iterable[str]
         own = migration_key(migration_id) + "/"
     except ValueError as err:
         raise StoreError(f"artifact key {key!r}: {err}") from None
-    parts = key.split("/")
-    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
-        raise StoreError(f"artifact key {key!r} is not allowed: absolute, or with empty, '.' or '..' parts")
+    check_key(key)
     prefixes = [own, *(p.strip().lstrip("/").rstrip("/") + "/" for p in allowed_prefixes if p.strip("/ "))]
     if not any(key.startswith(prefix) for prefix in prefixes):
         raise StoreError(f"artifact key {key!r} is not under migration {migration_id}'s prefix {own!r}"
@@ -62,6 +68,17 @@ def spec_key(migration_id: str) -> str:
 def data_key(migration_id: str, split: str) -> str:
     """S3 key of a stored split: ``train``, ``coverage``, ``test`` (the eval split) or ``holdout``."""
     return migration_key(migration_id, "data", f"{split}.jsonl")
+
+
+def answered_data_key(migration_id: str, split: str) -> str:
+    """S3 key of the stored split a judge ``split`` answers: the eval split (``test``) for 'eval' and 'baseline'
+    (the route's current model on the same prompts), the holdout for 'holdout'."""
+    return data_key(migration_id, "test" if split in ("eval", "baseline") else split)
+
+
+def baseline_adapter_key(migration_id: str, round: int) -> str:
+    """S3 folder of the route's current adapter as copied for the baseline (``promotion.only_if_better``)."""
+    return round_key(migration_id, round, "baseline", "adapter")
 
 
 #: Object written (by the controller) when a round's judging is closed before all its batches were judged;

@@ -36,6 +36,7 @@ from llamaduo.contracts.events import ArtifactRef
 from llamaduo.errors import StoreError
 from llamaduo.settings import Settings
 from llamaduo.storage.keys import (
+    check_key,
     require_own_key,
     spec_key,
     traffic_day_prefix,
@@ -232,19 +233,39 @@ class ArtifactStore:
         data = _json_bytes(index)
         digest = hashlib.sha256(data).hexdigest()
         if once:
-            stored = self.stored_sha256(f"{prefix}/_index.json")
-            if stored is not None and stored != digest:
-                prefix = _hashed_key(prefix, digest)
-                stored = self.stored_sha256(f"{prefix}/_index.json")
-                if stored is not None and stored != digest:
-                    raise StoreError(f"folder {prefix} exists with another index: refusing to replace it")
-            if stored == digest:
+            prefix, stored = self._write_once_folder(prefix, digest)
+            if stored:
                 return ArtifactRef(key=prefix, sha256=digest)
         for rel, file_digest in index.items():
             self._client.fput_object(self.bucket, f"{prefix}/{rel}", str(folder / rel),
                                      metadata={"sha256": file_digest})
         ref = self.put_bytes(f"{prefix}/_index.json", data)
         return ArtifactRef(key=prefix, sha256=ref.sha256)
+
+    def _write_once_folder(self, prefix: str, digest: str) -> tuple[str, bool]:
+        """Where a folder whose index has ``digest`` goes under the write-once rule: ``(prefix, already there)``."""
+        stored = self.stored_sha256(f"{prefix}/_index.json")
+        if stored is not None and stored != digest:
+            prefix = _hashed_key(prefix, digest)
+            stored = self.stored_sha256(f"{prefix}/_index.json")
+            if stored is not None and stored != digest:
+                raise StoreError(f"folder {prefix} exists with another index: refusing to replace it")
+        return prefix, stored == digest
+
+    def copy_dir(self, source: str, prefix: str) -> ArtifactRef:
+        """Copy a :meth:`put_dir` folder server-side from ``source`` (a key the operator named) to ``prefix``, index
+        last, write-once like ``put_dir(once=True)``; the ref's ``sha256`` is the index's, checked by readers."""
+        from minio.commonconfig import CopySource
+
+        index_key = f"{check_key(source)}/_index.json"
+        data = self.get_bytes(index_key)
+        digest = hashlib.sha256(data).hexdigest()
+        prefix, stored = self._write_once_folder(prefix, digest)
+        if not stored:
+            for rel in _parse_index(index_key, data):
+                self._client.copy_object(self.bucket, f"{prefix}/{rel}", CopySource(self.bucket, f"{source}/{rel}"))
+            self.put_bytes(f"{prefix}/_index.json", data)
+        return ArtifactRef(key=prefix, sha256=digest)
 
     def get_dir(self, prefix: str, folder: Path, *, migration_id: str | None = None,
                 sha256: str | None = None) -> Path:
@@ -259,9 +280,7 @@ class ArtifactStore:
         data = self.get_bytes(index_key)
         if sha256 is not None:
             _check_digest(index_key, hashlib.sha256(data).hexdigest(), sha256)
-        index = json.loads(data)
-        if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
-            raise StoreError(f"folder index {index_key} is not a mapping of paths to sha256 digests")
+        index = _parse_index(index_key, data)
         root = folder.resolve()
         targets = {rel: _index_target(index_key, root, rel) for rel in index}
         for rel, digest in index.items():
@@ -346,13 +365,20 @@ def _check_digest(key: str, actual: str, expected: str | None) -> None:
                          f"read {actual}): it was changed or replaced after it was named")
 
 
+def _parse_index(index_key: str, data: bytes) -> dict[str, str]:
+    """A folder index (relative path -> sha256); refuse one naming an absolute, ``..`` or otherwise odd path."""
+    index = json.loads(data)
+    if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
+        raise StoreError(f"folder index {index_key} is not a mapping of paths to sha256 digests")
+    for rel in index:
+        if "\\" in rel or ":" in rel.partition("/")[0] or {"", ".", ".."} & {*rel.split("/")}:  # "": empty, /abs, a//b
+            raise StoreError(f"folder index {index_key} names path {rel!r}: absolute or '..' paths are refused "
+                             "(they would write outside the folder)")
+    return index
+
+
 def _index_target(index_key: str, root: Path, rel: str) -> Path:
-    """Where the index entry ``rel`` goes under ``root``; refuse absolute, ``..`` or otherwise escaping paths."""
-    parts = rel.split("/") if isinstance(rel, str) else [""]
-    if (not rel or rel.startswith("/") or "\\" in rel or ":" in parts[0]
-            or any(p in ("", ".", "..") for p in parts)):
-        raise StoreError(f"folder index {index_key} names path {rel!r}: absolute or '..' paths are refused "
-                         "(they would write outside the folder)")
+    """Where the checked index entry ``rel`` goes under ``root``; refuse one that resolves outside it."""
     target = (root / rel).resolve()
     if not target.is_relative_to(root):
         raise StoreError(f"folder index {index_key} names path {rel!r}, which resolves outside the folder")
