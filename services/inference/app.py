@@ -58,8 +58,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
 
     @bus.consumer(Subject.INFER_REQUEST, "inference-request", INFERENCE)
     async def on_infer_request(event: InferRequestEvent) -> None:
-        """Answer the holdout split with the chosen round's adapter (or the eval split with the baseline's) and
-        hand the answers to the judges."""
+        """Answer the holdout split, or the eval split for a baseline, with the adapter named; hand over to judges."""
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         split = event.payload.split
         prompts = await asyncio.to_thread(store.read_models, answered_data_key(event.migration_id, split), Example)
