@@ -5,6 +5,7 @@ PEFT adapters of it made here (random LoRA weights); the official ``openai`` cli
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.slow
 
 UPSTREAM_ANSWER = "from the service LLM"
 KEY, ADMIN_KEY = "local-serve-key-123", "local-admin-key-456"
+ROUTE = "adapted"
 
 
 def make_adapter(base: Path, dest: Path, seed: int) -> Path:
@@ -56,7 +58,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def made(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("made")
-    return {v: make_adapter(tiny_model, root / v, seed) for v, seed in (("m-v1", 1), ("m-v2", 2), ("m-v3", 3))}
+    return {v: make_adapter(tiny_model, root / v, seed) for v, seed in ((V1, 1), (V2, 2), (V3, 3))}
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +84,17 @@ def local(tiny_model: Path, tmp_path: Path) -> Iterator[tuple[ServerThread, Path
 
 def config(upstream: FakeOpenAIServer, local_url: str, adapters_dir: Path) -> dict[str, Any]:
     return {"routes": [{
-        "name": "invoice",
+        "name": ROUTE,
         "upstream": {"provider": "openai-compatible", "model": "gpt-4o-mini", "base_url": upstream.base_url,
                      "max_retries": 0},
         "local": {"base_url": f"{local_url}/v1", "api_key_env": "TEST_LOCAL_KEY", "load_adapters": True,
                   "admin_api_key_env": "TEST_LOCAL_ADMIN_KEY", "adapters_dir": str(adapters_dir)},
     }]}
+
+
+#: Versions (migration ids) of this module's run: the S3 bucket is shared by the session's tests.
+RUN = uuid.uuid4().hex[:6]
+V1, V2, V3 = (f"ad{RUN}-v{i}" for i in (1, 2, 3))
 
 
 def adapter_key(version: str) -> str:
@@ -107,7 +114,7 @@ class Gw:
     async def ask(self) -> tuple[str, str, str | None]:
         """(answered_by, text, local_version) of one request, from its traffic.logged event."""
         reply = await self.client.chat.completions.create(
-            model="invoice", messages=[{"role": "user", "content": "Invoice 42"}], max_tokens=4)
+            model=ROUTE, messages=[{"role": "user", "content": "Invoice 42"}], max_tokens=4)
         for _ in range(200):
             logged = [e for e in self.recorder.of(Subject.TRAFFIC_LOGGED) if e.payload.request_id == reply.id]
             if logged:
@@ -139,10 +146,11 @@ async def gateway(settings: Any, store: Any, cfg: dict[str, Any]) -> AsyncIterat
             await gw.client.close()
             await service.stop()
             await bus.broker.stop()
+            store.delete(store.list(f"traffic/{ROUTE}/"))  # other tests list the session bucket's traffic
 
 
 async def set_route(settings: Any, change: Any, reason: str = "promote") -> RouteState:
-    return (await change_route(settings, "invoice", change, reason=reason, actor="test"))[1]
+    return (await change_route(settings, ROUTE, change, reason=reason, actor="test"))[1]
 
 
 async def test_promoted_adapter_is_loaded_without_restart_and_rollback_keeps_it(
@@ -153,39 +161,39 @@ async def test_promoted_adapter_is_loaded_without_restart_and_rollback_keeps_it(
     async for gw in gateway(settings, store, config(upstream, server.url, adapters_dir)):
         loader = gw.service.gateway.adapters
         # promoted before its adapter is in S3: the hand-off fails and is retried; requests fall back meanwhile
-        await set_route(settings, lambda s: promote(s, "m-v1", "full", local_model="invoice-m-v1",
-                                                    adapter_key=adapter_key("m-v1")))
+        await set_route(settings, lambda s: promote(s, V1, "full", local_model=f"invoice-{V1}",
+                                                    adapter_key=adapter_key(V1)))
         assert await gw.ask() == ("upstream", UPSTREAM_ANSWER, None)
         [fallback, *_] = await gw.recorder.wait_for(Subject.ROUTE_FALLBACK)
         assert fallback.payload.reason == "unavailable" and "not loaded" in fallback.payload.detail
-        await asyncio.to_thread(store.put_dir, adapter_key("m-v1"), made["m-v1"])
-        await gw.until_local("m-v1")  # retried, downloaded, loaded: no restart of either server
-        assert (adapters_dir / "m-v1" / "adapter_config.json").is_file()
-        assert await served(server) == ["base", "invoice-m-v1"]
+        await asyncio.to_thread(store.put_dir, adapter_key(V1), made[V1])
+        await gw.until_local(V1)  # retried, downloaded, loaded: no restart of either server
+        assert (adapters_dir / V1 / "adapter_config.json").is_file()
+        assert await served(server) == ["base", f"invoice-{V1}"]
 
-        await asyncio.to_thread(store.put_dir, adapter_key("m-v2"), made["m-v2"])
-        await set_route(settings, lambda s: promote(s, "m-v2", "canary", 100, local_model="invoice-m-v2",
-                                                    adapter_key=adapter_key("m-v2")))
-        await gw.until_local("m-v2")
+        await asyncio.to_thread(store.put_dir, adapter_key(V2), made[V2])
+        await set_route(settings, lambda s: promote(s, V2, "canary", 100, local_model=f"invoice-{V2}",
+                                                    adapter_key=adapter_key(V2)))
+        await gw.until_local(V2)
         assert loader.loads == 2
 
         await set_route(settings, rollback, reason="rollback")  # the previous name is still served: no load
-        await gw.until_local("m-v1", seconds=5)
-        assert loader.loads == 2 and await served(server) == ["base", "invoice-m-v1", "invoice-m-v2"]
+        await gw.until_local(V1, seconds=5)
+        assert loader.loads == 2 and await served(server) == ["base", f"invoice-{V1}", f"invoice-{V2}"]
 
         # every replica may try: two loaders handing off one new version at once both succeed, one load wins
-        await asyncio.to_thread(store.put_dir, adapter_key("m-v3"), made["m-v3"])
-        state = promote(None, "m-v3", "full", local_model="invoice-m-v3", adapter_key=adapter_key("m-v3"))
+        await asyncio.to_thread(store.put_dir, adapter_key(V3), made[V3])
+        state = promote(None, V3, "full", local_model=f"invoice-{V3}", adapter_key=adapter_key(V3))
         routes = {r.name: r for r in parse_routes(config(upstream, server.url, adapters_dir)).routes}
         replicas = [AdapterLoader(routes, store), AdapterLoader(routes, store)]
         try:
-            await asyncio.gather(*(r.hand_off("invoice", state) for r in replicas))
+            await asyncio.gather(*(r.hand_off(ROUTE, state) for r in replicas))
         finally:
             for r in replicas:
                 await r.aclose()
-        assert all("invoice-m-v3" in r.served["invoice"] for r in replicas)
+        assert all(f"invoice-{V3}" in r.served[ROUTE] for r in replicas)
         assert sum(r.loads for r in replicas) >= 1
-        assert (await served(server))[-1] == "invoice-m-v3"
+        assert (await served(server))[-1] == f"invoice-{V3}"
     changed = gw.recorder.of(Subject.ROUTE_CHANGED)
     assert [e.payload.reason for e in changed] == ["promote", "promote", "rollback"]
 
@@ -194,15 +202,15 @@ async def test_a_tampered_adapter_is_never_loaded(settings, store, upstream, loc
     server, adapters_dir = local
     monkeypatch.setenv("TEST_LOCAL_KEY", KEY)
     monkeypatch.setenv("TEST_LOCAL_ADMIN_KEY", ADMIN_KEY)
-    key = adapter_key("m-v1")
-    await asyncio.to_thread(store.put_dir, key, made["m-v1"])
+    key = adapter_key(V1)
+    await asyncio.to_thread(store.put_dir, key, made[V1])
     await asyncio.to_thread(store.put_bytes, f"{key}/adapter_config.json", b'{"swapped": true}')
     async for gw in gateway(settings, store, config(upstream, server.url, adapters_dir)):
-        await set_route(settings, lambda s: promote(s, "m-v1", "full", adapter_key=key))
+        await set_route(settings, lambda s: promote(s, V1, "full", adapter_key=key))
         await asyncio.sleep(1.0)  # a few tries
         assert [await gw.ask() for _ in range(2)] == [("upstream", UPSTREAM_ANSWER, None)] * 2
     assert await served(server) == ["base"]
-    assert not (adapters_dir / "m-v1").exists() and list(adapters_dir.iterdir()) == []
+    assert not (adapters_dir / V1).exists() and list(adapters_dir.iterdir()) == []
 
 
 def test_adapters_need_a_folder_and_versions_must_be_folder_names() -> None:
