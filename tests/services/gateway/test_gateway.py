@@ -271,7 +271,8 @@ async def test_a_valid_local_answer_is_served_and_streamed_whole(settings, store
     good = Misbehaving(content='{"queue": "shipping"}')
     calls_before = upstream.calls
     try:
-        async for gw in start(settings, store, routes(upstream, good.base_url, validator={"json_schema": SCHEMA})):
+        async for gw in start(settings, store, routes(upstream, good.base_url, validator={"json_schema": SCHEMA},
+                                                      shadow={"sample_rate": 0})):  # no reference asked upstream
             await set_route(settings, lambda s: promote(s, "m-v1", "full"))
             await gw.wait_mode("full", "m-v1")
             stream = await gw.client.chat.completions.create(
