@@ -171,8 +171,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             if before_commit is not None:
                 await before_commit(state)
             if awaiting_baseline_lookup(state):  # passed with only_if_better: judge the route's current version
-                version, adapter = await promoter.baseline(state, store)
-                outputs = [*outputs, *begin_baseline(state, event, version, adapter)]
+                version, adapter, why = await promoter.baseline(state, store)
+                outputs = [*outputs, *begin_baseline(state, event, version, adapter, note=why)]
             outputs = [*outputs, *await promoter.on_transition(state, outputs)]
             state.mark_applied(event.event_id)
             for rnd in state.rounds:  # judging closed with batches left: judge workers skip them

@@ -109,17 +109,19 @@ def awaiting_baseline_lookup(state: MigrationState) -> bool:
     return state.stage == Stage.BASELINE and state.baseline is not None and not state.baseline.looked_up
 
 
-def begin_baseline(state: MigrationState, cause: Envelope, version: str | None,
-                   adapter: ArtifactRef | None) -> Outputs:
+def begin_baseline(state: MigrationState, cause: Envelope, version: str | None, adapter: ArtifactRef | None,
+                   note: str = "") -> Outputs:
     """The route's current ``version`` and its ``adapter`` copied under this migration's prefix (both None: the
-    route has no current version with an adapter, so the model is promoted without a baseline). With one, have
-    it answer the eval split (``infer.request`` split ``baseline``, once) and judge all of it."""
+    route has no current version with an adapter, so the model is promoted without a baseline; only the adapter
+    None: ``note`` says why it could not be copied, and the route keeps its version). With both, have it answer
+    the eval split (``infer.request`` split ``baseline``, once) and judge all of it."""
     b = state.baseline
     if b is None or b.looked_up or state.stage != Stage.BASELINE:
         return []
     b.looked_up = True
     chosen = state.rounds[b.round]
     if version is None or adapter is None or state.data is None:
+        b.version, b.note = version, (note or "the current version has no adapter") if version else ""
         return final(state, cause, chosen, "completed", "")
     k = state.parsed_spec.student.inference.samples_per_prompt
     b.version, b.adapter, b.to_judge = version, adapter, (state.data.test.rows or 0) * k
@@ -157,7 +159,7 @@ def baseline_end(state: MigrationState, cause: Envelope, note: str) -> Outputs:
 
 
 def _baseline_result(state: MigrationState, b: BaselineState) -> BaselineResult | None:
-    if b.version is None or b.adapter is None:
+    if b.version is None:
         return None
     gate = state.parsed_spec.judge.gate
     agg = {k: float(v) for k, v in aggregate_stats(b.stats).items()} if b.stats.judged else {}

@@ -24,7 +24,8 @@ from llamaduo.contracts.events import ArtifactRef, Envelope, MigrationCompleted,
 from llamaduo.contracts.routes import RouteState, promote, rollback
 from llamaduo.contracts.spec import MigrationSpec, PromotionSpec, parse_spec
 from llamaduo.contracts.state import MigrationState
-from llamaduo.storage.keys import baseline_adapter_key
+from llamaduo.errors import StoreError
+from llamaduo.storage.keys import baseline_adapter_key, check_key
 from llamaduo.storage.store import ArtifactStore
 
 log = logging.getLogger("llamaduo.controller.promotion")
@@ -73,23 +74,33 @@ class Promoter:
                                                         history=ROUTES_HISTORY)
         return KVCell(self._kv, route, what="route", decode=RouteState.from_bytes, encode=RouteState.to_bytes)
 
-    async def baseline(self, state: MigrationState, store: ArtifactStore) -> tuple[str | None, ArtifactRef | None]:
-        """The route's current version and its adapter copied under this migration's prefix (``round-N/baseline/
-        adapter``, sha256 of its index recorded), for ``only_if_better``; ``(None, None)`` when the route has no
-        current version with an adapter (or it is this migration's own, promoted by an interrupted run)."""
+    async def baseline(self, state: MigrationState,
+                       store: ArtifactStore) -> tuple[str | None, ArtifactRef | None, str]:
+        """For ``only_if_better``: the route's current version, its adapter copied under this migration's prefix
+        (``round-N/baseline/adapter``, sha256 of its index recorded), and why it could not be copied (then the
+        adapter is None). ``(None, None, "")`` when the route has no current version with an adapter (or it is
+        this migration's own, promoted by an interrupted run)."""
         promotion = state.parsed_spec.promotion
         if promotion is None or state.baseline is None:
-            return None, None
+            return None, None, ""
         current, _ = await (await self._cell(promotion.route)).read()
         if current is None or current.version is None or not current.adapter_key:
-            return None, None
+            return None, None, ""
         if current.version == state.migration_id:
-            return None, None
-        copy = await asyncio.to_thread(store.copy_dir, current.adapter_key,
-                                       baseline_adapter_key(state.migration_id, state.baseline.round))
+            return None, None, ""
+        try:
+            index = f"{check_key(current.adapter_key)}/_index.json"
+            if not await asyncio.to_thread(store.exists, index):
+                raise StoreError(f"{index} does not exist: not an adapter folder stored by llamaduo")
+            copy = await asyncio.to_thread(store.copy_dir, current.adapter_key,
+                                           baseline_adapter_key(state.migration_id, state.baseline.round))
+        except StoreError as err:  # the operator's key is wrong: retrying cannot help
+            log.warning("baseline adapter not copied", extra={"migration_id": state.migration_id,
+                                                              "route": promotion.route, "reason": str(err)})
+            return current.version, None, f"its adapter {current.adapter_key!r} could not be copied: {err}"
         log.info("baseline adapter copied", extra={"migration_id": state.migration_id, "route": promotion.route,
                                                    "version": current.version, "adapter": copy.key})
-        return current.version, copy
+        return current.version, copy, ""
 
     async def on_transition(self, state: MigrationState, outputs: list[Envelope]) -> list[Envelope]:
         """Extra outputs of a transition: ``route.changed`` when it completed a migration whose model is to be

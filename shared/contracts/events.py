@@ -334,7 +334,9 @@ class BaselineResult(BaseModel):
     """The route's current version judged on this migration's eval split (``promotion.only_if_better``)."""
 
     version: str = Field(description="The route's current version (the migration id that produced it)")
-    adapter: ArtifactRef = Field(description="Its adapter as copied under this migration's prefix (what answered)")
+    adapter: ArtifactRef | None = Field(
+        default=None, description="Its adapter as copied under this migration's prefix (what answered); None: it "
+        "could not be copied (see note)")
     gate_metric: str = Field(default="", description="The gate aggregate compared (judge.gate)")
     score: float | None = Field(default=None, description="Its gate value on the eval split; None: nothing judged")
     aggregates: dict[str, float] = Field(default_factory=dict, description="Every aggregate of its answers")

@@ -133,6 +133,14 @@ def test_without_a_current_version_the_model_is_promoted_without_a_baseline():
     assert done.promotion == "promoted" and done.baseline is None and "no current version" in done.promotion_detail
 
 
+def test_a_current_version_whose_adapter_cannot_be_copied_is_kept():
+    start, state, _ = passed()
+    out = begin_baseline(state, start, "m-old", None, note="its adapter 'x' could not be copied: no index")
+    done = out[-1].payload
+    assert done.promotion == "kept_current" and done.baseline.version == "m-old" and done.baseline.adapter is None
+    assert "no index" in done.promotion_detail and not [o for o in out if o.type == Subject.INFER_REQUEST]
+
+
 def test_without_only_if_better_there_is_no_baseline_stage():
     _, state, out = passed({**SPEC, "promotion": {"route": ROUTE, "mode": "full"}})
     assert kinds(out) == [Subject.MIGRATION_COMPLETED] and out[-1].payload.promotion == "promoted"
@@ -241,16 +249,18 @@ def test_the_copy_is_write_once_and_a_malformed_source_is_refused(store, tmp_pat
         store.copy_dir("migrations/m-old/../m-x/adapter", target)
 
 
-async def run_only_if_better(settings, store, tmp_path, baseline_sims: list[int] | None, route_state=True):
-    """Run a migration with only_if_better to its end on ``route`` (current version m-old, unless not
-    ``route_state``); the baseline (if asked) scores ``baseline_sims``. Returns (recorder, route, old ref)."""
+async def run_only_if_better(settings, store, tmp_path, baseline_sims: list[int] | None, route_state=True,
+                             adapter_key: str | None = None):
+    """Run a migration with only_if_better to its end on ``route`` (current version m-old with its stored adapter,
+    or ``adapter_key``; none unless ``route_state``); the baseline (if asked) scores ``baseline_sims``. Returns
+    (recorder, route, old ref, migration id)."""
     route = "triage-" + uuid.uuid4().hex[:6]
     mid = "m-new-" + uuid.uuid4().hex[:6]
     capture(store, route, 20)
     old = old_adapter(store, tmp_path)
     if route_state:
         await write_route(settings, route, promote(None, "m-old", "full", local_model="triage-old",
-                                                   adapter_key=old.key))
+                                                   adapter_key=adapter_key or old.key))
     spec = spec_for(route, promotion={"route": route, "mode": "full", "only_if_better": True})
     async with Recorder(settings) as rec:
         ctl = await controller(settings)
@@ -309,3 +319,15 @@ async def test_a_route_without_a_current_version_is_promoted_without_a_baseline(
     assert done.payload.promotion == "promoted" and done.payload.baseline is None
     await rec.wait_for(Subject.ROUTE_CHANGED)
     assert (await read_route(settings, route)).version == mid
+
+
+async def test_a_current_adapter_that_cannot_be_copied_keeps_the_route_without_failing_the_migration(
+        settings, store, tmp_path):
+    rec, route, _, _ = await run_only_if_better(settings, store, tmp_path, None,
+                                                adapter_key="migrations/m-old/round-9/adapter")
+    assert not rec.of(Subject.INFER_REQUEST)
+    [done] = rec.of(Subject.MIGRATION_COMPLETED)
+    assert done.payload.promotion == "kept_current" and "could not be copied" in done.payload.baseline.note
+    assert done.payload.baseline.adapter is None and "round-9/adapter/_index.json" in done.payload.promotion_detail
+    await asyncio.sleep(0.5)
+    assert not rec.of(Subject.ROUTE_CHANGED) and (await read_route(settings, route)).version == "m-old"
