@@ -32,6 +32,7 @@ from llamaduo.services.gateway.config import GatewayConfig, load_routes
 from llamaduo.services.gateway.gateway import Gateway
 from llamaduo.services.gateway.server import create_app
 from llamaduo.services.gateway.watch import register_watch
+from llamaduo.serving.guard import ServingLimits
 from llamaduo.storage.store import ArtifactStore
 
 log = logging.getLogger("llamaduo.gateway")
@@ -45,10 +46,16 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (0: a free port); :class:`SpecError` naming it when it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0 (socket.create_server's): asyncio turns Nagle off (TCP_NODELAY) only on sockets whose
+    # protocol says TCP; without it every answer waits ~40 ms for the client's delayed ACK (bench_gateway.py)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                    reuse_port=False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
     except OSError as err:
+        sock.close()
         raise SpecError(f"the gateway cannot listen on {host}:{port}: {err.strerror or err}; choose another "
                         f"--port (or {PORT_ENV})") from None
     sock.setblocking(False)
@@ -66,7 +73,9 @@ class GatewayService:
         self.gateway = Gateway(config, emit=bus.emit, capture=TrafficCapture(
             store, batch_rows=config.capture.batch_rows, batch_seconds=config.capture.batch_seconds),
             adapters=AdapterLoader({r.name: r for r in config.routes}, store) if loads else None)
-        self.app = create_app(self.gateway)
+        self.app = create_app(self.gateway, limits=ServingLimits.from_settings(
+            bus.settings, max_concurrent=bus.settings.gateway_max_concurrent,
+            max_waiting=bus.settings.gateway_max_waiting))
         self._server: Any = None
         self._serving: asyncio.Task[Any] | None = None
         #: the task of :meth:`run`, when :func:`register` started it
