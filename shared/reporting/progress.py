@@ -123,7 +123,7 @@ class MigrationView:
         p, t, rnd = env.payload, env.type, self._round(env.round)
         if t == Subject.MIGRATION_PROGRESS:
             self.stage, self.detail = str(p.stage), p.detail
-            if p.to_judge and p.stage != Stage.HOLDOUT:  # the round's own answers, not the holdout's
+            if p.to_judge and p.stage not in (Stage.HOLDOUT, Stage.BASELINE):  # the round's own answers only
                 rnd.to_judge = p.to_judge
             if p.stage == "judging" and rnd.judge_started is None:
                 rnd.judge_started = self.clock()
@@ -141,7 +141,7 @@ class MigrationView:
             rnd.to_judge = p.prompts * p.samples_per_prompt
             if rnd.judge_started is None:
                 rnd.judge_started = self.clock()
-        elif t == Subject.EVAL_SCORED and p.split == "holdout":  # judged at the end: not the round's score
+        elif t == Subject.EVAL_SCORED and p.split != "eval":  # holdout/baseline (at the end): not the round's
             self.usage = self.usage + p.usage
         elif t == Subject.EVAL_SCORED:
             if rnd.judge_started is None:

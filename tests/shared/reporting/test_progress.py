@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
 from llamaduo.contracts.events import (
@@ -121,14 +122,15 @@ def test_format_duration() -> None:
     assert format_duration(3725) == "1:02:05"
 
 
-def test_holdout_batches_count_as_usage_but_not_as_the_round_score() -> None:
+@pytest.mark.parametrize("split", ["holdout", "baseline"])
+def test_holdout_and_baseline_batches_count_as_usage_but_not_as_the_round_score(split: str) -> None:
     start = start_envelope("m-progress03", {"task": {}})
     view = MigrationView("m-progress03", threshold=90, clock=FakeClock())
     view.apply(scored(start, 0, [95.0] * 10, tokens=100, cost=0.0))
-    holdout = scored(start, 0, [10.0] * 10, tokens=50, cost=0.0)
-    holdout = holdout.model_copy(update={"event_id": "holdout-0",
-                                         "payload": holdout.payload.model_copy(update={"split": "holdout"})})
-    assert view.apply(holdout)
+    other = scored(start, 0, [10.0] * 10, tokens=50, cost=0.0)
+    other = other.model_copy(update={"event_id": f"{split}-0",
+                                     "payload": other.payload.model_copy(update={"split": split})})
+    assert view.apply(other)
     assert {s.similarity for s in view.rounds[0].scores.values()} == {95.0} and len(view.rounds[0].scores) == 10
     assert view.usage.tokens == 150
 
