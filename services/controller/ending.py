@@ -70,18 +70,27 @@ def end(state: MigrationState, cause: Envelope, chosen: RoundState | None, outco
 def on_holdout_scored(state: MigrationState, event: Envelope[EvalScored]) -> Outputs:
     """Collect one judged holdout batch (all of them are judged: no early stopping); when all are in, publish
     the final event with the holdout aggregates. Never changes a decision."""
-    h, p = state.holdout, event.payload
-    if h is None or state.stage != Stage.HOLDOUT or event.round != h.round or h.has_batch(p.batch):
+    outputs = collect_batch(state, state.holdout, Stage.HOLDOUT, event)
+    return holdout_end(state, event) if outputs is None else outputs
+
+
+def collect_batch(state: MigrationState, ledger: HoldoutState | BaselineState | None, stage: Stage,
+                  event: Envelope[EvalScored]) -> Outputs | None:
+    """Add one judged batch of an end-of-migration stage (holdout, baseline: every batch is judged) to its
+    ledger. Returns None once every batch is in (the caller ends the stage), else the outputs: a progress event,
+    or nothing for a batch that is not this stage's or was already counted (a redelivery)."""
+    p = event.payload
+    if ledger is None or state.stage != stage or event.round != ledger.round or ledger.has_batch(p.batch):
         return []
-    h.mark_batch(p.batch)
-    h.batches = p.batches
-    h.stats = h.stats + GateStats.from_scores(p.scores)
-    h.usage = h.usage + p.usage
+    ledger.mark_batch(p.batch)
+    ledger.batches = p.batches
+    ledger.stats = ledger.stats + GateStats.from_scores(p.scores)
+    ledger.usage = ledger.usage + p.usage
     state.usage = state.usage + p.usage
-    if h.received_count < p.batches:
-        return [progress(state, event, h.round, Stage.HOLDOUT, detail=f"batch {h.received_count}",
-                         judged=h.stats.answers, to_judge=h.to_judge)]
-    return holdout_end(state, event)
+    if ledger.received_count < p.batches:
+        return [progress(state, event, ledger.round, stage, detail=f"batch {ledger.received_count}",
+                         judged=ledger.stats.answers, to_judge=ledger.to_judge)]
+    return None
 
 
 def holdout_end(state: MigrationState, cause: Envelope, note: str = "") -> Outputs:
@@ -135,18 +144,11 @@ def begin_baseline(state: MigrationState, cause: Envelope, version: str | None, 
 
 def on_baseline_scored(state: MigrationState, event: Envelope[EvalScored]) -> Outputs:
     """Collect one judged baseline batch (all are judged); when all are in, complete the migration."""
-    b, p = state.baseline, event.payload
-    if b is None or state.stage != Stage.BASELINE or event.round != b.round or b.has_batch(p.batch):
-        return []
-    b.mark_batch(p.batch)
-    b.batches = p.batches
-    b.stats = b.stats + GateStats.from_scores(p.scores)
-    b.usage = b.usage + p.usage
-    state.usage = state.usage + p.usage
-    if b.received_count < p.batches:
-        return [progress(state, event, b.round, Stage.BASELINE, detail=f"batch {b.received_count}",
-                         judged=b.stats.answers, to_judge=b.to_judge)]
-    return final(state, event, state.rounds[b.round], "completed", "")
+    outputs = collect_batch(state, state.baseline, Stage.BASELINE, event)
+    if outputs is not None:
+        return outputs
+    assert state.baseline is not None
+    return final(state, event, state.rounds[state.baseline.round], "completed", "")
 
 
 def baseline_end(state: MigrationState, cause: Envelope, note: str) -> Outputs:
