@@ -45,7 +45,8 @@ def promoted_state(current: RouteState | None, spec: MigrationSpec, promotion: P
     same promotion again, and the state before is the one a rollback would return to."""
     new = promote(current, migration_id, promotion.mode,
                   promotion.canary_percent if promotion.mode == "canary" else None,
-                  local_model=spec.serve.model_name or migration_id, adapter_key=completed.model.key)
+                  local_model=spec.serve.model_name or migration_id, adapter_key=completed.model.key,
+                  adapter_sha256=completed.model.sha256)
     if current is not None and current.version == migration_id:
         return new, rollback(current)
     return new, current

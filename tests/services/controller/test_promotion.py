@@ -48,6 +48,10 @@ def spec_for(route: str, **over) -> dict:
             "serve": {"model_name": "triage-student"}, **over}
 
 
+#: The sha256 of the adapter folder's index that the trainer reports (the route records it for the gateway).
+ADAPTER_SHA256 = "ab" * 32
+
+
 async def run_to_completion(settings, migration_id: str, spec: dict, rec: Recorder) -> None:
     ctl = await controller(settings)
     player = Bus(settings, "player")
@@ -55,8 +59,8 @@ async def run_to_completion(settings, migration_id: str, spec: dict, rec: Record
     await player.emit(start_envelope(migration_id, spec))
     [req] = await rec.wait_for(Subject.TRAIN_REQUEST, 0)
     assert req.payload.rows == 16  # 20 upstream answers, 4 for eval; the 20 local answers are not data
-    await player.emit(req.follow(Subject.TRAIN_DONE, TrainDone(adapter=ArtifactRef(key=f"a-{migration_id}"),
-                                                               rows=16)))
+    await player.emit(req.follow(Subject.TRAIN_DONE, TrainDone(
+        adapter=ArtifactRef(key=f"a-{migration_id}", sha256=ADAPTER_SHA256), rows=16)))
     await player.emit(req.follow(Subject.INFER_DONE, InferDone(predictions=ArtifactRef(key="p0"), prompts=4,
                                                                samples_per_prompt=1, batches=1)))
     await player.emit(req.follow(Subject.EVAL_SCORED, EvalScored(batch=0, batches=1, scores=[
@@ -96,6 +100,7 @@ async def test_a_completed_migration_is_promoted_on_its_route(settings, store):
     state = await read_route(settings, route)
     assert (state.version, state.mode, state.percent) == ("m-promo", "canary", 25)
     assert state.local_model == "triage-student" and state.adapter_key == "a-m-promo"
+    assert state.adapter_sha256 == ADAPTER_SHA256  # the gateway downloads only an adapter with this index
     assert [h.version for h in state.history] == ["m-old"]  # a rollback returns to it
     assert changed.route == route and changed.migration_id == "m-promo" and changed.correlation_id == route
     assert changed.payload.reason == "promote" and changed.payload.version == "m-promo"
@@ -114,10 +119,10 @@ async def test_without_a_promotion_section_no_route_changes(settings, store):
 
 def test_promoting_again_after_a_redelivery_keeps_the_true_previous_state():
     spec = parse_spec(spec_for("triage", promotion={"route": "triage", "mode": "full"}))
-    done = MigrationCompleted(model=ArtifactRef(key="a1"), best_round=0, rounds=[])
+    done = MigrationCompleted(model=ArtifactRef(key="a1", sha256=ADAPTER_SHA256), best_round=0, rounds=[])
     old = promote(None, "m-0", "shadow")
     first, previous = promoted_state(old, spec, spec.promotion, "m-1", done)
     again, previous_again = promoted_state(first, spec, spec.promotion, "m-1", done)
     assert previous == old and previous_again.version == "m-0" and previous_again.mode == "shadow"
     assert [h.version for h in again.history] == ["m-0"] and again.mode == "full" and again.local_model == (
-        "triage-student")
+        "triage-student") and again.adapter_sha256 == ADAPTER_SHA256

@@ -63,10 +63,53 @@ def test_rollback_returns_to_the_previous_version_as_it_was():
     assert off.mode == "off" and off.version is None and assign(off, "u") == "upstream"
 
 
-def test_promoting_the_same_version_again_changes_mode_without_history():
-    canary = promote(None, "m-1", "canary", 5)
+SHA_1, SHA_2 = "1" * 64, "2" * 64
+
+
+def test_promoting_the_same_version_again_keeps_its_model_adapter_and_sha256():
+    canary = promote(None, "m-1", "canary", 5, local_model="invoice-1", adapter_key="migrations/m-1/a",
+                     adapter_sha256=SHA_1)
+    full = promote(canary, "m-1", "full")  # what `llamaduo promote R --version m-1 --mode full` does
+    assert (full.mode, full.local_model, full.adapter_key, full.adapter_sha256) == (
+        "full", "invoice-1", "migrations/m-1/a", SHA_1)
+    # a new key for the same version: the old key's sha256 does not follow it
+    moved = promote(canary, "m-1", "full", adapter_key="migrations/m-1/b")
+    assert (moved.adapter_key, moved.adapter_sha256, moved.local_model) == ("migrations/m-1/b", None, "invoice-1")
+    # another version inherits nothing
+    other = promote(full, "m-2", "full")
+    assert (other.local_model, other.adapter_key, other.adapter_sha256) == ("m-2", None, None)
+
+
+def test_rollback_undoes_the_last_change_canary_to_full_of_one_version():
+    canary = promote(None, "m-1", "canary", 5, local_model="invoice-1", adapter_key="migrations/m-1/a",
+                     adapter_sha256=SHA_1)
     full = promote(canary, "m-1", "full")
-    assert full.mode == "full" and full.history == []
+    assert [(h.version, h.mode, h.percent) for h in full.history] == [("m-1", "canary", 5)]
+    back = rollback(full)
+    assert (back.version, back.mode, back.percent, back.local_model, back.adapter_key, back.adapter_sha256) == (
+        "m-1", "canary", 5, "invoice-1", "migrations/m-1/a", SHA_1)
+    assert assign(back, "u") == assign(canary, "u") and back.history == []
+    assert rollback(back).mode == "off"
+
+
+def test_rollback_after_canary_of_one_version_then_full_of_another_returns_to_the_canary():
+    canary = promote(None, "m-1", "canary", 30, adapter_key="migrations/m-1/a", adapter_sha256=SHA_1)
+    full = promote(canary, "m-2", "full", adapter_key="migrations/m-2/a", adapter_sha256=SHA_2)
+    back = rollback(full)
+    assert (back.version, back.mode, back.percent, back.adapter_key, back.adapter_sha256) == (
+        "m-1", "canary", 30, "migrations/m-1/a", SHA_1)
+
+
+def test_the_same_promotion_again_is_not_pushed_twice_and_the_value_stays_bounded():
+    canary = promote(None, "m-1", "canary", 5)
+    assert promote(canary, "m-1", "canary", 5).history == []  # e.g. a redelivered promotion on completion
+    state = canary
+    for i in range(3 * HISTORY_LIMIT):
+        state = promote(state, "m-1", "canary", 1 + i % 50, local_model="x" * 256, adapter_key="k" * 1024,
+                        adapter_sha256=SHA_1)
+    assert len(state.history) == HISTORY_LIMIT and len(state.to_bytes()) < 20_000
+    with pytest.raises(ValueError, match="adapter_sha256"):
+        promote(None, "m-1", "full", adapter_sha256="not-a-digest")
 
 
 def test_history_is_bounded():
