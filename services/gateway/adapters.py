@@ -7,8 +7,10 @@ When a route's state names a version with an ``adapter_key`` and its ``local.loa
    nothing to do;
 2. else the adapter folder is downloaded from S3 through the one
    :class:`~llamaduo.storage.store.ArtifactStore` (:meth:`~llamaduo.storage.store.ArtifactStore.get_dir`: the key
-   must lie under its migration's prefix and every file must match the sha256 its folder index records) into a
-   temporary folder inside ``local.adapters_dir``, then renamed to ``<adapters_dir>/<version>``;
+   must lie under its migration's prefix and every file must match the sha256 its folder index records; with the
+   state's ``adapter_sha256``, :meth:`~llamaduo.storage.store.ArtifactStore.get_ref_dir`: the index itself must
+   have that hash, so an adapter replaced in S3 after its promotion is never loaded) into a temporary folder
+   inside ``local.adapters_dir``, then renamed to ``<adapters_dir>/<version>``;
 3. ``POST <base_url>/load_lora_adapter`` ``{"lora_name": local_model, "lora_path": "<adapters_dir>/<version>"}``
    (vLLM's endpoint, also served by ``llamaduo serve --adapters-dir``), with the local server's admin key (else
    its API key). A refusal because the name is already loaded (another replica won the race) counts as loaded.
@@ -17,6 +19,11 @@ Until the load succeeded, :meth:`AdapterLoader.require` refuses the local side f
 reason ``unavailable``, so requests for that version are answered upstream. A failed hand-off is logged and
 retried after ``retry_seconds`` or on the route's next change. Nothing is unloaded: after a rollback the
 previous version's name is still served.
+
+A local server that restarted has lost the adapters loaded at run time. When it answers a request for a name
+this loader had loaded with HTTP 404 / model-not-found, the gateway calls :meth:`AdapterLoader.lost`: the name is
+forgotten and handed off again (at most once per ``retry_seconds`` per route), counted in
+:attr:`AdapterLoader.reloads`.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +43,7 @@ from typing import Any
 
 import httpx2
 
+from llamaduo.contracts.events import ArtifactRef
 from llamaduo.contracts.routes import RouteState
 from llamaduo.services.gateway.config import LocalConfig, RouteConfig
 from llamaduo.services.gateway.sides import LocalFailure
@@ -64,9 +73,9 @@ def version_folder(adapters_dir: str | Path, version: str) -> Path:
     return Path(adapters_dir).expanduser() / version
 
 
-def _target(state: RouteState) -> tuple[str | None, str | None, str | None]:
-    """What a hand-off loads: (version, local model name, adapter key)."""
-    return state.version, state.local_model, state.adapter_key
+def _target(state: RouteState) -> tuple[str | None, str | None, str | None, str | None]:
+    """What a hand-off loads: (version, local model name, adapter key, sha256 of its index)."""
+    return state.version, state.local_model, state.adapter_key, state.adapter_sha256
 
 
 class AdapterLoader:
@@ -87,6 +96,9 @@ class AdapterLoader:
         #: route -> local model names known to be served by its local server
         self.served: dict[str, set[str]] = {name: set() for name in self.locals}
         self.loads = 0
+        #: names forgotten because the local server no longer served them (it restarted), see :meth:`lost`
+        self.reloads = 0
+        self._lost_at: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._clients: dict[str, httpx2.AsyncClient] = {}
 
@@ -131,6 +143,24 @@ class AdapterLoader:
             return
         self._tasks[route] = loop.create_task(self._hand_off_until_done(route, state),
                                               name=f"llamaduo-adapter-{route}")
+
+    def lost(self, route: str, name: str) -> None:
+        """The local server of ``route`` answered ``name`` with 404 / model-not-found (it restarted and lost its
+        run-time adapters): forget ``name`` and hand the current version off again. At most once per
+        ``retry_seconds`` per route, so a server that keeps refusing costs one hand-off per interval."""
+        if name not in self.served.get(route, set()):
+            return  # never loaded by this loader: nothing it can restore
+        now = time.monotonic()
+        if now - self._lost_at.get(route, float("-inf")) < self.retry_seconds:
+            return
+        self._lost_at[route] = now
+        self.served[route].discard(name)
+        self.reloads += 1
+        log.warning("the local server no longer serves a loaded adapter (restarted?); loading it again",
+                    extra={"route": route, "local_model": name})
+        state = self.wanted.get(route)
+        if state is not None and (state.local_model or state.version) == name:
+            self.on_change(route, state)
 
     async def start(self) -> None:
         """Start the hand-offs of states applied before the loop ran."""
@@ -188,7 +218,7 @@ class AdapterLoader:
             return
         assert local.adapters_dir is not None
         folder = version_folder(local.adapters_dir, state.version)
-        await asyncio.to_thread(self.download, state.adapter_key, folder)
+        await asyncio.to_thread(self.download, state.adapter_key, folder, state.adapter_sha256)
         reply = await self._client(route).post(local.base_url.rstrip("/") + "/load_lora_adapter",
                                                json={"lora_name": name, "lora_path": str(folder)})
         if reply.status_code != 200:
@@ -201,21 +231,29 @@ class AdapterLoader:
         log.info("adapter loaded on the local server", extra={"route": route, "version": state.version,
                                                               "local_model": name, "folder": str(folder)})
 
-    def download(self, key: str, folder: Path) -> Path:
-        """The adapter folder at ``key`` in ``folder``, verified file by file (blocking: a worker thread)."""
+    def download(self, key: str, folder: Path, sha256: str | None = None) -> Path:
+        """The adapter folder at ``key`` in ``folder``, verified file by file, and its index against ``sha256``
+        when given (blocking: a worker thread)."""
         if self.store is None:
             raise HandOffError("no artifact store to download the adapter from")
         migration_id = adapter_migration(key)
+        store = self.store
+
+        def fetch(into: Path) -> Path:
+            if sha256:
+                return store.get_ref_dir(migration_id, ArtifactRef(key=key, sha256=sha256), into)
+            return store.get_dir(key, into, migration_id=migration_id)
+
         if folder.is_dir():  # already here (another replica, or an earlier try): verified, missing files fetched
-            return self.store.get_dir(key, folder, migration_id=migration_id)
+            return fetch(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{uuid.uuid4().hex[:6]}.", dir=folder.parent))
         try:
-            self.store.get_dir(key, partial, migration_id=migration_id)
+            fetch(partial)
             try:
                 partial.rename(folder)
             except OSError:  # another replica renamed its copy first: check that one instead
-                return self.store.get_dir(key, folder, migration_id=migration_id)
+                return fetch(folder)
         finally:
             if partial.exists():
                 shutil.rmtree(partial, ignore_errors=True)

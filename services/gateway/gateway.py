@@ -244,7 +244,12 @@ class Gateway:
         assert route.local is not None
         if self.adapters is not None:
             self.adapters.require(route.name)  # 'unavailable' until the version's adapter is loaded
-        answer = await route.local.complete(body, model, messages)
+        try:
+            answer = await route.local.complete(body, model, messages)
+        except LocalFailure as failure:
+            if failure.model_missing and self.adapters is not None:
+                self.adapters.lost(route.name, model)  # e.g. the local server restarted: load it again
+            raise
         if route.validator is not None:
             try:
                 why = route.validator(answer.text)

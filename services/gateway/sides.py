@@ -41,11 +41,15 @@ class Answer:
 class LocalFailure(Exception):
     """The local side could not answer; ``reason`` is the fallback reason, ``detail`` short and secret-free."""
 
-    def __init__(self, reason: FallbackReason, detail: str, seconds: float = 0.0) -> None:
+    def __init__(self, reason: FallbackReason, detail: str, seconds: float = 0.0, *,
+                 model_missing: bool = False) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason: FallbackReason = reason
         self.detail = detail[:300]
         self.seconds = seconds
+        #: the local server does not serve the model asked for (HTTP 404 / model-not-found), e.g. it restarted
+        #: and lost the adapters loaded at run time
+        self.model_missing = model_missing
 
 
 class LocalSide:
@@ -83,7 +87,8 @@ class LocalSide:
         if reply.status_code in (429, 503):
             raise LocalFailure("overloaded", f"HTTP {reply.status_code} from the local server", seconds)
         if reply.status_code != 200:
-            raise LocalFailure("error", f"HTTP {reply.status_code}: {reply.text[:200]}", seconds)
+            raise LocalFailure("error", f"HTTP {reply.status_code}: {reply.text[:200]}", seconds,
+                               model_missing=reply.status_code == 404 or "model_not_found" in reply.text[:2000])
         try:
             data = reply.json()
             choice = data["choices"][0]

@@ -213,6 +213,42 @@ async def test_a_tampered_adapter_is_never_loaded(settings, store, upstream, loc
     assert not (adapters_dir / V1).exists() and list(adapters_dir.iterdir()) == []
 
 
+async def test_only_the_recorded_adapter_is_loaded_and_a_restarted_server_gets_it_again(
+        settings, store, upstream, local, made, monkeypatch) -> None:
+    server, adapters_dir = local
+    monkeypatch.setenv("TEST_LOCAL_KEY", KEY)
+    monkeypatch.setenv("TEST_LOCAL_ADMIN_KEY", ADMIN_KEY)
+    version = f"ad{RUN}-v4"
+    name = f"invoice-{version}"
+    # the promoted adapter (its index's sha256 is in the route state), and another one under the key named
+    good = await asyncio.to_thread(store.put_dir, f"migrations/{version}/round-1/adapter", made[V1])
+    await asyncio.to_thread(store.put_dir, adapter_key(version), made[V2])  # self-consistent, but not that one
+    async for gw in gateway(settings, store, config(upstream, server.url, adapters_dir)):
+        loader = gw.service.gateway.adapters
+        await set_route(settings, lambda s: promote(s, version, "full", local_model=name,
+                                                    adapter_key=adapter_key(version), adapter_sha256=good.sha256))
+        await asyncio.sleep(1.0)  # a few tries
+        assert await gw.ask() == ("upstream", UPSTREAM_ANSWER, None)
+        assert name not in await served(server) and not (adapters_dir / version).exists()
+
+        await set_route(settings, lambda s: promote(s, version, "full", adapter_key=good.key,
+                                                    adapter_sha256=good.sha256))
+        await gw.until_local(version)
+        assert loader.loads == 1 and loader.reloads == 0
+
+        # the local server restarts: its run-time adapters are gone, the gateway still believes it is loaded
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as http:
+            reply = await http.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": name})
+            assert reply.status_code == 200, reply.text
+        assert (await gw.ask())[0] == "upstream"  # this one falls back (404), and the loader forgets the name
+        assert loader.reloads == 1
+        await gw.until_local(version, seconds=20)  # loaded again, without a route change
+        assert loader.loads == 2 and name in await served(server)
+        loader.retry_seconds = 60.0  # bounded: not again within retry_seconds of the last time
+        loader.lost(ROUTE, name)
+        assert loader.reloads == 1 and name in loader.served[ROUTE]
+
+
 def test_adapters_need_a_folder_and_versions_must_be_folder_names() -> None:
     route = {"name": "r", "upstream": {"provider": "openai-compatible", "model": "m", "base_url": "http://x/v1"},
              "local": {"base_url": "http://127.0.0.1:1/v1", "load_adapters": True}}
