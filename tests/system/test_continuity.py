@@ -206,15 +206,20 @@ async def continuity(scene: Scene, tickets: list[str]) -> None:
     full = [await scene.ask(tickets[i], user) for i, user in enumerate(USERS[:6])]
     assert set((await scene.sides(full)).values()) == {("local", migration_id)}
 
-    # (e) and rolls it back (the CLI): the state before this version, the service LLM answers everyone
+    # (e) and rolls it back (the CLI): the last change undone, the 50% canary of this version again
     out = scene.cli("rollback", ROUTE)
-    assert out["after"]["mode"] == "off" and out["before"]["mode"] == "full"
-    await scene.wait_route("off", None)
-    back = [await scene.ask(tickets[i], user) for i, user in enumerate(USERS[:6])]
-    assert set((await scene.sides(back)).values()) == {("upstream", None)}
+    assert (out["after"]["mode"], out["after"]["percent"], out["before"]["mode"]) == ("canary", 50, "full")
+    assert out["after"]["adapter_key"] == changed.payload.adapter_key
+    await scene.wait_route("canary", migration_id)
+    back = [await scene.ask(tickets[i], user) for i, user in enumerate(USERS)]
+    again = list((await scene.sides(back)).values())
+    assert {side for side, _ in again} == {"local", "upstream"} and {v for s, v in again if s == "local"} == {
+        migration_id}
+    was_local = [side == "local" for side, _ in sides.values()]  # (a canary answer may have fallen back)
+    assert all(side == "local" for (side, _), local_then in zip(again, was_local, strict=True) if local_then)
     changes = unique(await scene.recorder.wait_for(Subject.ROUTE_CHANGED, count=3))
     assert [(e.payload.reason, e.payload.mode) for e in changes] == [
-        ("promote", "canary"), ("promote", "full"), ("rollback", "off")]
+        ("promote", "canary"), ("promote", "full"), ("rollback", "canary")]
     assert changes[-1].payload.previous.version == migration_id
 
 
