@@ -5,15 +5,18 @@ through the real controller state machine (``services/controller/domain.py``: ga
 and the real judge (``services/judge/domain.judge_items``) with the simulated provider, whose token counts
 are the prompt and reply sizes (4 characters a token):
 
-* **naive**: M = 3 judgements per answer (sampled at temperature 0.7, as M > 1 needs), every answer of
-  every round judged, no cache;
-* **ours**: the defaults: M = 1 at temperature 0, the judge cache kept across rounds (an answer the student
-  did not change is not judged again), sequential early stopping (remaining batches skipped once the
-  round's gate is decided; a worker skips a closed round's batches).
+* **naive**: the paper's setup: M = 3 judgements per answer (sampled at temperature 0.7, as M > 1 needs),
+  every answer of every round judged, no cache;
+* each saving on its own, everything else as naive: **cache** (the judge cache kept across rounds: an answer
+  the student did not change is not judged again), **early stopping** (remaining batches skipped once the
+  round's gate is decided; a worker skips a closed round's batches), **M = 1** (at temperature 0);
+* **ours**: the defaults, all three together.
 
-Candidate answers are the oracle's reference answers perturbed deterministically: round 0 mostly wrong
-(malformed JSON or several wrong fields), round 1 better but under the gate, round 2 mostly right. An
-answer right in one round stays the same text in later rounds (the student keeps what it learned).
+Candidate answers are the oracle's reference answers perturbed deterministically: round 0 far below the gate,
+rounds 1 and 2 just below it and round 3 just above it (the rounds where early stopping cannot decide early).
+An answer right in one round stays right in later rounds, but a retrained student does not keep its wording:
+``REWORDED`` of the right answers come back re-serialised (other key order and spacing, same fields) in each
+later round, so the cache only saves what really repeats.
 ``workers`` models judge workers in parallel: with W workers, the W - 1 batches already in flight when a
 round closes are still judged (and paid).
 
@@ -52,10 +55,13 @@ from llamaduo.services.judge.domain import JudgeCache, judge_items
 
 #: per round: share of answers right, share malformed, how many fields a wrong answer gets wrong
 ROUNDS = [
-    {"right": 0.20, "garbled": 0.35, "wrong_fields": (2, 4)},
-    {"right": 0.60, "garbled": 0.05, "wrong_fields": (1, 2)},
-    {"right": 0.93, "garbled": 0.00, "wrong_fields": (1, 1)},
+    {"right": 0.20, "garbled": 0.35, "wrong_fields": (2, 4)},  # far below the gate
+    {"right": 0.60, "garbled": 0.05, "wrong_fields": (1, 2)},  # just below
+    {"right": 0.61, "garbled": 0.04, "wrong_fields": (1, 2)},  # just below
+    {"right": 0.62, "garbled": 0.00, "wrong_fields": (1, 2)},  # just above
 ]
+#: share of the right answers re-serialised (same fields, other wording) in each round after the first
+REWORDED = 0.3
 
 
 def demo_spec() -> MigrationSpec:
@@ -85,7 +91,13 @@ def candidates(test: list, round: int) -> list[str]:
         u = random.Random(f"skill-{example.id}").random()  # how hard this item is, fixed across rounds
         rng = random.Random(f"answer-{round}-{example.id}")
         if u < cfg["right"]:
-            out.append(example.response)
+            if round > 0 and rng.random() < REWORDED:  # same fields, the student's wording of this round
+                fields = json.loads(example.response)
+                keys = sorted(fields, reverse=rng.random() < 0.5)
+                out.append(json.dumps({k: fields[k] for k in keys}, ensure_ascii=False,
+                                      separators=rng.choice([(",", ":"), (", ", ": "), (",", ": ")])))
+            else:
+                out.append(example.response)
             continue
         if rng.random() < cfg["garbled"] / (1 - cfg["right"]):
             out.append(example.response[: len(example.response) // 2])  # cut off mid-JSON
@@ -161,39 +173,41 @@ async def main() -> dict[str, Any]:
     spec = demo_spec()
     test = load_splits(spec.dataset).test
     rounds = [candidates(test, r) for r in range(len(ROUNDS))]
-    naive = await run_setup(variant(spec, m=3, temperature=0.7, early=False), test, rounds, cache=None)
-    m1 = await run_setup(variant(spec, m=1, temperature=0.0, early=False), test, rounds, cache=None)
-    m1_cache = await run_setup(variant(spec, m=1, temperature=0.0, early=False), test, rounds, cache=JudgeCache())
+    paper = {"m": 3, "temperature": 0.7}
+    naive = await run_setup(variant(spec, **paper, early=False), test, rounds, cache=None)
+    cache_only = await run_setup(variant(spec, **paper, early=False), test, rounds, cache=JudgeCache())
+    early_only = await run_setup(variant(spec, **paper, early=True), test, rounds, cache=None)
+    m1_only = await run_setup(variant(spec, m=1, temperature=0.0, early=False), test, rounds, cache=None)
     ours = await run_setup(spec, test, rounds, cache=JudgeCache())
     ours_w2 = await run_setup(spec, test, rounds, cache=JudgeCache(), workers=2)
     assert spec.judge.judgements_per_answer == 1 and spec.judge.early_stopping and spec.judge_llm.temperature == 0
+    setups = {"naive": naive, "cache_only": cache_only, "early_stopping_only": early_only, "m1_only": m1_only,
+              "ours": ours, "ours_2_workers": ours_w2}
     return {
         "task": spec.task.name, "test_items": len(test), "rounds": len(rounds), "batch_size": spec.judge.batch_size,
         "gate": f"{spec.judge.gate} >= {spec.judge.threshold}", "confidence": spec.judge.confidence,
+        "reworded_share": REWORDED, "naive_m": paper["m"],
         "provider": "simulated (token counts: prompt and reply characters / 4)",
         "naive_tokens": naive["tokens"], "ours_tokens": ours["tokens"],
         "ratio": round(ours["tokens"] / naive["tokens"], 4),
         "target_ratio_max": 0.5,
-        "same_decisions": naive["decisions"] == ours["decisions"] and naive["outcome"] == ours["outcome"],
-        "decisions": {"naive": naive["decisions"], "ours": ours["decisions"]},
-        "outcome": {"naive": naive["outcome"], "ours": ours["outcome"]},
-        "breakdown_tokens": {
-            "naive_m3_all_nocache": naive["tokens"], "m1_all_nocache": m1["tokens"],
-            "m1_all_cache": m1_cache["tokens"], "m1_cache_early_stopping": ours["tokens"],
-            "m1_cache_early_stopping_2_workers": ours_w2["tokens"],
-        },
-        "ratio_2_workers": round(ours_w2["tokens"] / naive["tokens"], 4),
-        "same_decisions_2_workers": naive["decisions"] == ours_w2["decisions"],
-        "calls": {"naive": naive["calls"], "ours": ours["calls"], "ours_cached": ours["cached"]},
-        "per_round": {"naive": naive["rounds"], "ours": ours["rounds"]},
+        "ratio_each_saving_alone": {k: round(v["tokens"] / naive["tokens"], 4) for k, v in setups.items()
+                                    if k not in ("naive",)},
+        "tokens": {k: v["tokens"] for k, v in setups.items()},
+        "calls": {k: v["calls"] for k, v in setups.items()},
+        "cached": {k: v["cached"] for k, v in setups.items()},
+        "same_decisions": all(v["decisions"] == naive["decisions"] and v["outcome"] == naive["outcome"]
+                              for v in setups.values()),
+        "decisions": {k: v["decisions"] for k, v in setups.items()},
+        "gates": [r["gate"] for r in naive["rounds"]],
+        "per_round": {k: setups[k]["rounds"] for k in ("naive", "early_stopping_only", "ours")},
     }
-
 
 if __name__ == "__main__":
     result = asyncio.run(main())
-    for setup in ("naive", "ours"):
+    for setup in ("naive", "early_stopping_only", "ours"):
         for r in result["per_round"][setup]:
-            print(f"{setup:5} r{r['round']}: gate {r['gate']:6.2f} -> {r['decision']:8} judged {r['judged']:3}/"
+            print(f"{setup:19} r{r['round']}: gate {r['gate']:6.2f} -> {r['decision']:8} judged {r['judged']:3}/"
                   f"{r['to_judge']} ({r['batches_judged']}/{r['batches']} batches"
                   f"{', early ' + str(r['interval']) if r['early_stopped'] else ''}) calls {r['calls']:4} "
                   f"cached {r['cached']:3} tokens {r['tokens']}", file=sys.stderr)
