@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     nats_tls_cert_file: Path | None = None
     nats_tls_key_file: Path | None = None
     subject_prefix: str = Field(default="", description="Lets several installations share one NATS account")
+    nats_replicas: int = Field(
+        default=1, ge=1, le=5, description="Replicas of the stream and of every KV bucket the installation "
+        "creates: 1 on a single nats-server, 3 on a three-node JetStream cluster (see docs/cluster.md)",
+    )
 
     # S3
     s3_endpoint: str = Field(default="127.0.0.1:9000", description="host:port of any S3 server")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaduo.bus.broker import Bus, Delivery
-from llamaduo.bus.topology import CONTROLLER_START
+from llamaduo.bus.topology import CONTROLLER_START, open_bucket
 from llamaduo.contracts.events import (
     DeadLetter,
     Envelope,
@@ -63,7 +63,7 @@ class StateStore:
 
     async def kv(self) -> Any:
         if self._kv is None:
-            self._kv = await self._bus.broker.key_value(self._bus.settings.kv_bucket, history=5)
+            self._kv = await open_bucket(self._bus.broker, self._bus.settings, self._bus.settings.kv_bucket, history=5)
         return self._kv
 
     async def load(self, migration_id: str) -> tuple[MigrationState | None, int | None]:

@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from llamaduo.bus.kv_cell import KVCell
-from llamaduo.bus.topology import ROUTES_HISTORY, routes_bucket
+from llamaduo.bus.topology import ROUTES_HISTORY, open_bucket, routes_bucket
 from llamaduo.contracts.events import ArtifactRef, Envelope, MigrationCompleted, RouteChanged, Subject, route_envelope
 from llamaduo.contracts.routes import RouteState, promote, rollback
 from llamaduo.contracts.spec import MigrationSpec, PromotionSpec, parse_spec
@@ -71,8 +71,8 @@ class Promoter:
 
     async def _cell(self, route: str) -> KVCell[RouteState]:
         if self._kv is None:
-            self._kv = await self._bus.broker.key_value(routes_bucket(self._bus.settings.stream_name),
-                                                        history=ROUTES_HISTORY)
+            self._kv = await open_bucket(self._bus.broker, self._bus.settings,
+                                         routes_bucket(self._bus.settings.stream_name), history=ROUTES_HISTORY)
         return KVCell(self._kv, route, what="route", decode=RouteState.from_bytes, encode=RouteState.to_bytes)
 
     async def baseline(self, state: MigrationState,

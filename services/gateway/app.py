@@ -24,7 +24,7 @@ import socket
 from typing import Any
 
 from llamaduo.bus.broker import Bus
-from llamaduo.bus.topology import routes_bucket
+from llamaduo.bus.topology import ROUTES_HISTORY, open_bucket, routes_bucket
 from llamaduo.errors import SpecError
 from llamaduo.services.gateway.adapters import AdapterLoader
 from llamaduo.services.gateway.capture import TrafficCapture
@@ -91,7 +91,8 @@ class GatewayService:
         import uvicorn
 
         await self.bus.broker.connect()
-        kv = await self.bus.broker.key_value(routes_bucket(self.bus.settings.stream_name), history=1)
+        kv = await open_bucket(self.bus.broker, self.bus.settings, routes_bucket(self.bus.settings.stream_name),
+                               history=ROUTES_HISTORY)
         await self.gateway.start(kv)
         self._server = uvicorn.Server(uvicorn.Config(self.app, lifespan="off", log_level="warning"))
         self._serving = asyncio.ensure_future(self._server.serve(sockets=[self.sock]))

@@ -208,7 +208,7 @@ def register_watch(bus: Any, config: GatewayConfig, templates: Mapping[str, Migr
     """Consume ``shadow.scored`` on ``bus`` (durable :data:`~llamaduo.bus.topology.GATEWAY_WATCH`, shared by the
     gateway's replicas) into a :class:`ShadowWatch` opened on the bus's buckets at the first score."""
     from llamaduo.bus.broker import Delivery
-    from llamaduo.bus.topology import GATEWAY_WATCH, ROUTES_HISTORY, routes_bucket, shadow_bucket
+    from llamaduo.bus.topology import GATEWAY_WATCH, ROUTES_HISTORY, open_bucket, routes_bucket, shadow_bucket
 
     loaded = dict(templates if templates is not None else load_templates(config))
     opened: list[ShadowWatch] = []
@@ -219,8 +219,9 @@ def register_watch(bus: Any, config: GatewayConfig, templates: Mapping[str, Migr
             if not opened:
                 stream = bus.settings.stream_name
                 opened.append(ShadowWatch(
-                    config, windows_kv=await bus.broker.key_value(shadow_bucket(stream), history=1),
-                    routes_kv=await bus.broker.key_value(routes_bucket(stream), history=ROUTES_HISTORY),
+                    config, windows_kv=await open_bucket(bus.broker, bus.settings, shadow_bucket(stream)),
+                    routes_kv=await open_bucket(bus.broker, bus.settings, routes_bucket(stream),
+                                                history=ROUTES_HISTORY),
                     emit=bus.emit, templates=loaded))
         return opened[0]
 

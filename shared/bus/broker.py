@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from llamaduo.bus.cancellation import CancelledMigrations, MigrationCancelled, migration_of
 from llamaduo.bus.connection import broker_kwargs
-from llamaduo.bus.topology import cancelled_bucket, durable_name, stream_fields
+from llamaduo.bus.topology import cancelled_bucket, durable_name, open_bucket, stream_fields
 from llamaduo.contracts.events import (
     PAYLOADS,
     TERMINAL_SUBJECTS,
@@ -101,7 +101,7 @@ class Bus:
         self.stopping = threading.Event()
         #: migrations cancelled so far (watched from the KV bucket; see :mod:`llamaduo.bus.cancellation`)
         self.cancelled = CancelledMigrations(
-            lambda: self.broker.key_value(cancelled_bucket(settings), history=1), service)
+            lambda: open_bucket(self.broker, settings, cancelled_bucket(settings)), service)
         for name in PAYLOADS:
             self.publisher(name)
 

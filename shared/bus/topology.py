@@ -41,6 +41,7 @@ def stream_fields(settings: Settings) -> dict[str, Any]:
         "subjects": stream_subjects(settings),
         "storage": StorageType.FILE,
         "duplicate_window": DUPLICATE_WINDOW,
+        "num_replicas": settings.nats_replicas,  # consumers inherit it (R3 on a cluster: docs/cluster.md)
     }
 
 
@@ -70,6 +71,27 @@ def shadow_bucket(stream_name: str) -> str:
 #: batches), and of the gateway's ``shadow.scored`` consumer (shared by the replicas: each score counted once).
 JUDGE_SHADOW = "judge-shadow"
 GATEWAY_WATCH = "gateway-watch"
+
+
+async def open_bucket(conn: Any, settings: Settings, bucket: str, *, history: int = 1,
+                      description: str | None = None) -> Any:
+    """The KV bucket ``bucket`` (created when missing) with the installation's replica count
+    (``LLAMADUO_NATS_REPLICAS``): every bucket of the installation is opened here.
+
+    ``conn`` is a FastStream ``NatsBroker`` (the services' bus) or a nats-py ``JetStreamContext`` (plain
+    clients: the CLI); every process that opens a bucket must declare the same ``history``."""
+    from nats.js import JetStreamContext
+
+    if isinstance(conn, JetStreamContext):
+        from nats.js.api import KeyValueConfig
+        from nats.js.errors import BucketNotFoundError
+
+        try:
+            return await conn.key_value(bucket)
+        except BucketNotFoundError:
+            return await conn.create_key_value(KeyValueConfig(
+                bucket=bucket, history=history, description=description, replicas=settings.nats_replicas))
+    return await conn.key_value(bucket, history=history, description=description, replicas=settings.nats_replicas)
 
 
 def rate_limit_bucket(settings: Settings) -> str:

@@ -29,19 +29,11 @@ if TYPE_CHECKING:
 
 async def open_routes(settings: Settings) -> tuple[Any, Any]:
     """``(connection, kv)``: a NATS connection and the routes bucket (created when no gateway made it yet)."""
-    from nats.js.api import KeyValueConfig
-    from nats.js.errors import BucketNotFoundError
-
     from llamaduo.bus.connection import connect
-    from llamaduo.bus.topology import routes_bucket
+    from llamaduo.bus.topology import ROUTES_HISTORY, open_bucket, routes_bucket
 
     nc = await connect(settings)
-    js = nc.jetstream()
-    bucket = routes_bucket(settings.stream_name)
-    try:
-        kv = await js.key_value(bucket)
-    except BucketNotFoundError:
-        kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+    kv = await open_bucket(nc.jetstream(), settings, routes_bucket(settings.stream_name), history=ROUTES_HISTORY)
     return nc, kv
 
 

@@ -154,7 +154,9 @@ def spend_bucket(stream_name: str) -> str:
 
 async def kv_ledger(bus: Any, migration_id: str) -> KVLedger:
     """The migration's ledger in the installation's spend bucket (created on first use)."""
-    kv = await bus.broker.key_value(spend_bucket(bus.settings.stream_name))
+    from llamaduo.bus.topology import open_bucket
+
+    kv = await open_bucket(bus.broker, bus.settings, spend_bucket(bus.settings.stream_name))
     return KVLedger(kv, migration_id)
 
 

@@ -240,10 +240,10 @@ async def shared_limiter(bus: Any, spec: ProviderSpec) -> SharedRateLimiter | No
     its limits stay in the process (see :func:`is_shared`)."""
     if not is_shared(spec):
         return None
-    from llamaduo.bus.topology import rate_limit_bucket
+    from llamaduo.bus.topology import open_bucket, rate_limit_bucket
 
-    kv = await bus.broker.key_value(rate_limit_bucket(bus.settings),
-                                    description="provider rate limits shared by all replicas")
+    kv = await open_bucket(bus.broker, bus.settings, rate_limit_bucket(bus.settings),
+                           description="provider rate limits shared by all replicas")
     return SharedRateLimiter(kv, account_key(spec), spec.limits)
 
 

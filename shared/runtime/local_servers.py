@@ -112,6 +112,78 @@ class NatsServer:
 
 
 @dataclass
+class NatsCluster:
+    """``size`` nats-servers forming one JetStream cluster on loopback (each with its own store, name and
+    monitoring port). :meth:`start` returns once the cluster has a JetStream meta leader and every peer is
+    current, so streams and buckets with ``size`` replicas can be created at once."""
+
+    data_dir: Path
+    size: int = 3
+    name: str = "llamaduo"
+    servers: list[NatsServer] = field(default_factory=list)
+    monitor_ports: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated (what ``LLAMADUO_NATS_URL`` takes)."""
+        return ",".join(s.url for s in self.servers)
+
+    def node_name(self, index: int) -> str:
+        return f"{self.name}-{index}"
+
+    def server(self, node_name: str) -> NatsServer:
+        """The server of a node, by its name (as JetStream reports leaders)."""
+        return self.servers[[self.node_name(i) for i in range(self.size)].index(node_name)]
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        routes = [free_port() for _ in range(self.size)]
+        self.monitor_ports = [free_port() for _ in range(self.size)]
+        route_urls = ",".join(f"nats://127.0.0.1:{p}" for p in routes)
+        try:
+            for i in range(self.size):
+                self.servers.append(NatsServer(self.data_dir / self.node_name(i), extra_args=[
+                    "--name", self.node_name(i), "--cluster_name", self.name,
+                    "--cluster", f"nats://127.0.0.1:{routes[i]}", "--routes", route_urls,
+                    "-m", str(self.monitor_ports[i])]).start())
+            self.wait_for_meta_leader(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def meta(self, index: int) -> dict:
+        """Node ``index``'s view of the JetStream meta group (``/jsz``'s ``meta_cluster``; empty when none)."""
+        url = f"http://127.0.0.1:{self.monitor_ports[index]}/jsz"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return json.loads(resp.read()).get("meta_cluster") or {}
+
+    def wait_for_meta_leader(self, timeout: float = 30.0) -> str:
+        """The meta leader's name, once every running node agrees on it and it sees the other running nodes
+        current."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                live = [i for i, s in enumerate(self.servers) if s.process and s.process.proc.poll() is None]
+                views = [self.meta(i) for i in live]
+                leaders = {v.get("leader") for v in views}
+                leader = leaders.pop() if len(leaders) == 1 else None
+                # only the leader's view tells which followers are current
+                mine = [v for i, v in zip(live, views, strict=True) if self.node_name(i) == leader]
+                followers = sum(1 for r in mine[0].get("replicas") or [] if r.get("current")) if mine else -1
+                if leader and followers >= len(live) - 1:
+                    return str(leader)
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"the NATS cluster has no JetStream meta leader after {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+
+@dataclass
 class S3Server:
     """``rclone serve s3`` over a local folder; keys are generated per run unless given."""
 

@@ -154,13 +154,13 @@ class Closing(CountingProvider):
 def _bus(key_value) -> SimpleNamespace:
     """Just what :func:`budgeted_provider` reads of a bus: the broker's KV access and the stream name."""
     return SimpleNamespace(broker=SimpleNamespace(key_value=key_value),
-                           settings=SimpleNamespace(stream_name="LLAMADUO"))
+                           settings=SimpleNamespace(stream_name="LLAMADUO", nats_replicas=1))
 
 
 async def test_budgeted_provider_opens_the_migration_ledger_only_with_limits():
     buckets: list[str] = []
 
-    async def key_value(bucket: str) -> object:
+    async def key_value(bucket: str, **config: object) -> object:
         buckets.append(bucket)
         return object()
 
@@ -172,7 +172,7 @@ async def test_budgeted_provider_opens_the_migration_ledger_only_with_limits():
 
 
 async def test_budgeted_provider_closes_the_provider_when_the_ledger_cannot_be_opened():
-    async def key_value(bucket: str) -> object:
+    async def key_value(bucket: str, **config: object) -> object:
         raise ConnectionError("nats down")
 
     inner = Closing()
