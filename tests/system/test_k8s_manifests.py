@@ -47,9 +47,7 @@ def _code_consumers(settings: Settings) -> dict[str, set[tuple[str, str]]]:
     """(stream, durable) of every consumer each service subscribes, as its own start declares them."""
     found: dict[str, set[tuple[str, str]]] = {}
     for name in SERVICES:
-        subs = build(name, settings).broker._subscribers
-        found[name] = {(s.stream.name, s.extra_options["durable"]) for s in (subs.values() if isinstance(subs, dict)
-                                                                          else subs)}
+        found[name] = {(s.stream.name, s.extra_options["durable"]) for s in build(name, settings).broker.subscribers}
     return found
 
 
