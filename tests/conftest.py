@@ -26,6 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 #: The images of the testcontainers path: the versions docker-compose.yml pins (tests/test_deployment.py checks).
 NATS_IMAGE = "nats:2.11.4-alpine"
 SEAWEEDFS_IMAGE = "chrislusf/seaweedfs:4.48"
+#: the opt-in `minio` profile of docker-compose.yml (the last community release, from quay.io)
+MINIO_IMAGE = "quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z"
 
 
 @dataclass
@@ -100,6 +102,20 @@ def container_servers() -> Iterator[Servers]:
     with NatsContainer(NATS_IMAGE).with_command("-js") as nats, seaweedfs:
         endpoint = f"{seaweedfs.get_container_host_ip()}:{seaweedfs.get_exposed_port(8333)}"
         yield Servers(nats.nats_uri(), endpoint, access_key, secret_key, "containers")
+
+
+@pytest.fixture(scope="session")
+def minio_container_servers(local_servers: Servers) -> Iterator[Servers]:
+    """MinIO (the compose file's opt-in profile) as the S3 server, beside the local nats-server; needs Docker."""
+    reason = docker_available()
+    if reason:
+        pytest.skip(f"MinIO container skipped: {reason}; rclone and SeaweedFS run the same tests")
+    from testcontainers.minio import MinioContainer
+
+    access_key, secret_key = "ld" + secrets.token_hex(6), secrets.token_hex(16)
+    with MinioContainer(MINIO_IMAGE, access_key=access_key, secret_key=secret_key) as minio:
+        endpoint = f"{minio.get_container_host_ip()}:{minio.get_exposed_port(9000)}"
+        yield Servers(local_servers.nats_url, endpoint, access_key, secret_key, "minio")
 
 
 @pytest.fixture(scope="session", params=["local", "container"])
