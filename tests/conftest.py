@@ -110,7 +110,7 @@ def minio_container_servers(local_servers: Servers) -> Iterator[Servers]:
     reason = docker_available()
     if reason:
         pytest.skip(f"MinIO container skipped: {reason}; rclone and SeaweedFS run the same tests")
-    from testcontainers.minio import MinioContainer
+    from testcontainers.community.minio import MinioContainer
 
     access_key, secret_key = "ld" + secrets.token_hex(6), secrets.token_hex(16)
     with MinioContainer(MINIO_IMAGE, access_key=access_key, secret_key=secret_key) as minio:
