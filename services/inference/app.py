@@ -1,8 +1,12 @@
 """Inference bus adapter.
 
-* ``train.done`` -> answer the test split (:mod:`~llamaduo.services.inference.shards`, the student loaded with
-  the backend ``student.inference.backend`` picks, see the domain module) -> predictions to S3 ->
-  ``infer.done``, then the ``judge.request`` batches.
+* ``train.done`` -> split the round's test split into shards of ``PROMPTS_PER_SHARD`` prompts (seeded order,
+  :func:`~llamaduo.services.inference.shards.plan_shards`) -> ``infer.done`` (the round's size and judge batch
+  count) -> one ``infer.shard`` request per shard, on a work queue shared by every replica.
+* ``infer.shard`` -> answer the shard (the student loaded once per worker and round, with the backend
+  ``student.inference.backend`` picks, see the domain module; a stored shard reused) -> the shard to S3 -> its
+  ``judge.request`` batches at once, so judging overlaps the generation of the other shards; whoever stores the
+  last shard joins them into the round's ``predictions.jsonl``.
 * ``migration.completed`` -> when the spec's ``serve.enabled`` is set, serve the migration's chosen model on
   ``serve.host:serve.port`` under ``serve.model_name`` (default: the migration id), from a thread of this
   service (:mod:`~llamaduo.services.inference.serve_after`). With several inference replicas, one of them
@@ -19,23 +23,44 @@ A cancelled migration's answering stops before its next shard (nothing more stor
 from __future__ import annotations
 
 import asyncio
-import random
+import logging
+import os
 import shutil
+import socket
+import threading
+import time
 
 from llamaduo.bus.broker import Bus, Delivery
+from llamaduo.bus.topology import INFERENCE_SHARD
 from llamaduo.contracts.events import (
+    ArtifactRef,
     InferDone,
     InferRequestEvent,
+    InferShard,
+    InferShardEvent,
     JudgeRequest,
     MigrationCompletedEvent,
     Subject,
     TrainDoneEvent,
 )
+from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
 from llamaduo.services.inference.serve_after import Servers, serve_completed
-from llamaduo.services.inference.shards import predict_round
-from llamaduo.storage.keys import answered_data_key, data_key
+from llamaduo.services.inference.shards import (
+    Answerer,
+    answer_shard,
+    join_if_complete,
+    lazy_answerer,
+    plan_shards,
+    predict_round,
+)
+from llamaduo.storage.keys import answered_data_key, data_key, predictions_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
+
+log = logging.getLogger("llamaduo.inference")
+
+#: Who answered a shard (host and process), in the ``shard answered`` log line.
+PRODUCER = f"{socket.gethostname()}:{os.getpid()}"
 
 INFERENCE = Delivery(max_deliver=3, ack_wait=60.0, backoff=(5.0, 30.0))
 SERVING = Delivery(max_deliver=2, ack_wait=60.0, backoff=(10.0,))
@@ -75,24 +100,77 @@ def register(bus: Bus, store: ArtifactStore) -> None:
 
     @bus.consumer(Subject.TRAIN_DONE, "inference", INFERENCE)
     async def on_train_done(event: TrainDoneEvent) -> None:
-        """Generate K answers per test prompt with the new adapter and hand them to the judges."""
+        """Split the round's eval split into ``infer.shard`` requests (any replica answers each one); first
+        ``infer.done`` with the round's size, so the controller knows its total before any score arrives."""
         spec = await asyncio.to_thread(specs.get, event.migration_id)
-        test = await asyncio.to_thread(
-            store.read_models, data_key(event.migration_id, "test"), Example)
-        model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}"
-        items, predictions = await asyncio.to_thread(
-            predict_round, store, spec, test, event.migration_id, event.round, event.payload.adapter, model_dir,
-            should_stop=bus.stopping.is_set, should_cancel=bus.cancelled.checker(event.migration_id))
-        # judged in a seeded random order: sequential early stopping assumes batches are random samples
-        order = list(items)
-        random.Random(f"{spec.dataset.seed}-{event.round}").shuffle(order)
-        size = spec.judge.batch_size
-        batches = [order[i:i + size] for i in range(0, len(order), size)]
-        # infer.done first: the controller then knows the round's size before any score arrives
+        test = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "test"), Example)
+        k = spec.student.inference.samples_per_prompt
+        plans, batches = plan_shards([e.id for e in test], spec.dataset.seed, event.round, k, spec.judge.batch_size)
+        predictions = ArtifactRef(key=predictions_key(event.migration_id, event.round), rows=len(test) * k)
         await bus.emit(event.follow(Subject.INFER_DONE, InferDone(
-            predictions=predictions, prompts=len(test), samples_per_prompt=spec.student.inference.samples_per_prompt,
-            batches=len(batches)), key="infer"))
-        for b, chunk in enumerate(batches):
-            await bus.emit(event.follow(Subject.JUDGE_REQUEST,
-                                        JudgeRequest(batch=b, batches=len(batches), items=chunk), key=f"judge-{b}"))
-        shutil.rmtree(model_dir, ignore_errors=True)
+            predictions=predictions, prompts=len(test), samples_per_prompt=k, batches=batches, shards=len(plans)),
+            key="infer"))
+        for plan in plans:
+            await bus.emit(event.follow(Subject.INFER_SHARD, InferShard(
+                adapter=event.payload.adapter, shard=plan.shard, shards=len(plans), prompt_ids=plan.prompt_ids,
+                first_batch=plan.first_batch, shard_batches=plan.batches, batches=batches), key=f"shard-{plan.shard}"))
+        log.info("round split into shards", extra={"migration_id": event.migration_id, "round": event.round,
+                                                   "shards": len(plans), "batches": batches})
+
+    tests: dict[str, dict[str, Example]] = {}
+    answerers: dict[tuple[str, int, str], Answerer] = {}
+    loading = threading.Lock()
+
+    def round_answerer(spec: MigrationSpec, mid: str, round: int, adapter: ArtifactRef) -> Answerer:
+        """The round's student, loaded once per worker (the last round's kept; an older one dropped)."""
+        key = (mid, round, adapter.sha256 or adapter.key)
+        with loading:
+            if key not in answerers:
+                for old in list(answerers):
+                    del answerers[old]
+                    shutil.rmtree(bus.settings.work_dir / "inference" / old[0] / f"round-{old[1]}",
+                                  ignore_errors=True)
+                model_dir = bus.settings.work_dir / "inference" / mid / f"round-{round}"
+
+                def load() -> Answerer:
+                    from llamaduo.services.inference.domain import load_generator
+
+                    store.get_ref_dir(mid, adapter, model_dir)
+                    generator = load_generator(spec.student, model_dir)
+                    return lambda prompts: generator.generate(prompts, spec.task.system_prompt)
+
+                answerers[key] = lazy_answerer(load)
+            return answerers[key]
+
+    def test_examples(mid: str) -> dict[str, Example]:
+        if mid not in tests:
+            if len(tests) > 8:
+                tests.clear()
+            tests[mid] = {e.id: e for e in store.read_models(data_key(mid, "test"), Example)}
+        return tests[mid]
+
+    @bus.consumer(Subject.INFER_SHARD, INFERENCE_SHARD, INFERENCE)
+    async def on_infer_shard(event: InferShardEvent) -> None:
+        """Answer one shard of a round (the stored one reused), publish its judge batches at once (judging
+        overlaps the rest of the round's generation); whoever stores the last shard joins the predictions."""
+        spec = await asyncio.to_thread(specs.get, event.migration_id)
+        p = event.payload
+        by_id = await asyncio.to_thread(test_examples, event.migration_id)
+        chunk = [by_id[i] for i in p.prompt_ids]
+        k = spec.student.inference.samples_per_prompt
+        started = time.monotonic()
+        items, generated = await asyncio.to_thread(
+            answer_shard, store, chunk, event.migration_id, event.round, p.shard,
+            round_answerer(spec, event.migration_id, event.round, p.adapter), k, should_stop=bus.stopping.is_set,
+            should_cancel=bus.cancelled.checker(event.migration_id))
+        log.info("shard answered", extra={"migration_id": event.migration_id, "round": event.round,
+                                          "shard": p.shard, "shards": p.shards, "generated": generated,
+                                          "producer": PRODUCER, "seconds": round(time.monotonic() - started, 3)})
+        # joined before this shard's batches go out: the round cannot be judged in full before its predictions exist
+        await asyncio.to_thread(join_if_complete, store, event.migration_id, event.round, p.shards, k)
+        size = spec.judge.batch_size
+        for b in range(p.shard_batches):
+            chunk_items = items[b * size:(b + 1) * size]
+            index = p.first_batch + b
+            await bus.emit(event.follow(Subject.JUDGE_REQUEST, JudgeRequest(
+                batch=index, batches=p.batches, items=chunk_items), key=f"judge-{index}"))

@@ -7,7 +7,9 @@ shards are then joined into ``predictions_key(mid, round)``, the file ``infer.do
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from llamaduo.bus.broker import WorkReturned
@@ -59,24 +61,78 @@ def predict_in_shards(
     items: list[JudgeItem] = []
     generated = 0
     for index, start in enumerate(range(0, len(test), shard_size)):
-        chunk = test[start:start + shard_size]
-        key = shard_key(migration_id, round, index, split)
-        stored = _stored_shard(store, key, [e.id for e in chunk for _ in range(samples_per_prompt)])
-        if stored is None:
-            if cancelled():
-                raise MigrationCancelled(f"answering stopped before shard {index}: the migration was cancelled")
-            if should_stop is not None and should_stop():
-                raise WorkReturned(f"stopped before shard {index}; {index} shard(s) stored")
-            answers = answer([e.instruction for e in chunk])
-            if cancelled():
-                raise MigrationCancelled(f"shard {index} answered, not stored: the migration was cancelled")
-            stored = [JudgeItem(item_id=e.id, sample=k, instruction=e.instruction, reference=e.response,
-                                candidate=text)
-                      for e, samples in zip(chunk, answers, strict=True) for k, text in enumerate(samples)]
-            store.put_jsonl(key, stored)
-            generated += 1
+        stored, now = answer_shard(store, test[start:start + shard_size], migration_id, round, index, answer,
+                                   samples_per_prompt, should_stop=should_stop, split=split,
+                                   should_cancel=cancelled)
+        generated += now
         items.extend(stored)
     return items, generated
+
+
+def answer_shard(
+    store: ArtifactStore, chunk: list[Example], migration_id: str, round: int, index: int, answer: Answerer,
+    samples_per_prompt: int, *, should_stop: Callable[[], bool] | None = None, split: str = "eval",
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[list[JudgeItem], bool]:
+    """Shard ``index`` of a round (the prompts ``chunk``): the stored one when it holds these prompts' answers,
+    else answered now and stored. Returns ``(items, generated now)``; stops and cancels as
+    :func:`predict_in_shards` says."""
+    cancelled = should_cancel or (lambda: False)
+    key = shard_key(migration_id, round, index, split)
+    stored = _stored_shard(store, key, [e.id for e in chunk for _ in range(samples_per_prompt)])
+    if stored is not None:
+        return stored, False
+    if cancelled():
+        raise MigrationCancelled(f"answering stopped before shard {index}: the migration was cancelled")
+    if should_stop is not None and should_stop():
+        raise WorkReturned(f"stopped before shard {index}")
+    answers = answer([e.instruction for e in chunk])
+    if cancelled():
+        raise MigrationCancelled(f"shard {index} answered, not stored: the migration was cancelled")
+    items = [JudgeItem(item_id=e.id, sample=k, instruction=e.instruction, reference=e.response, candidate=text)
+             for e, samples in zip(chunk, answers, strict=True) for k, text in enumerate(samples)]
+    store.put_jsonl(key, items)
+    return items, True
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard ``shard`` of a round: its prompt ids and its judge batches ``first_batch`` .. + ``batches`` - 1."""
+
+    shard: int
+    prompt_ids: list[str]
+    first_batch: int
+    batches: int
+
+
+def plan_shards(prompt_ids: list[str], seed: object, round: int, samples_per_prompt: int, batch_size: int, *,
+                shard_size: int = PROMPTS_PER_SHARD) -> tuple[list[ShardPlan], int]:
+    """Split a round's eval prompts into shards of ``shard_size`` and number their judge batches round-wide.
+
+    The prompts are dealt in a seeded random order (``seed``, ``round``): sequential early stopping treats the
+    batches in published order as random samples, and a shard is a contiguous run of batches. Returns
+    ``(plans, total batches)``; the same arguments give the same plan (a redelivered split publishes the same)."""
+    order = list(prompt_ids)
+    random.Random(f"{seed}-{round}").shuffle(order)
+    plans, first = [], 0
+    for index, start in enumerate(range(0, len(order), shard_size)):
+        ids = order[start:start + shard_size]
+        n = -(-len(ids) * samples_per_prompt // batch_size)
+        plans.append(ShardPlan(index, ids, first, n))
+        first += n
+    return plans, first
+
+
+def join_if_complete(store: ArtifactStore, migration_id: str, round: int, shards: int,
+                     samples_per_prompt: int) -> ArtifactRef | None:
+    """Join a round's shards into ``predictions_key(mid, round)`` once every one of them is stored (written
+    once: two workers storing the last shards at the same time write the same content); None while any is
+    missing."""
+    keys = [shard_key(migration_id, round, i) for i in range(shards)]
+    if not all(store.exists(k) for k in keys):
+        return None
+    items = [i for k in keys for i in store.read_models(k, JudgeItem)]
+    return store.put_jsonl(predictions_key(migration_id, round), items, once=True)
 
 
 def lazy_answerer(load: Callable[[], Answerer]) -> Answerer:

@@ -72,6 +72,10 @@ def shadow_bucket(stream_name: str) -> str:
 JUDGE_SHADOW = "judge-shadow"
 GATEWAY_WATCH = "gateway-watch"
 
+#: The durable of the inference service's ``infer.shard`` work queue: shared by every inference replica, so the
+#: shards of one round are answered by all of them together (KEDA scales inference on its lag too).
+INFERENCE_SHARD = "inference-shard"
+
 
 async def open_bucket(conn: Any, settings: Settings, bucket: str, *, history: int = 1,
                       description: str | None = None) -> Any:

@@ -62,6 +62,7 @@ class Subject(StrEnum):
     TRAIN_DONE = "train.done"
     INFER_REQUEST = "infer.request"
     INFER_DONE = "infer.done"
+    INFER_SHARD = "infer.shard"
     JUDGE_REQUEST = "judge.request"
     EVAL_SCORED = "eval.scored"
     SYNTH_REQUEST = "synth.request"
@@ -182,10 +183,30 @@ class InferRequest(BaseModel):
 
 
 class InferDone(BaseModel):
-    predictions: ArtifactRef
-    prompts: int
-    samples_per_prompt: int
+    """A round's size, published before its first answer (the inference worker that split the round into
+    ``infer.shard`` requests): the controller then knows the round's total before any score arrives."""
+
+    predictions: ArtifactRef = Field(description="The round's joined predictions (the shards joined by whichever "
+                                     "worker stores the last one; no sha256 when published before they exist)")
+    prompts: int = Field(description="Prompts answered in the round (the eval split's rows)")
+    samples_per_prompt: int = Field(description="Answers per prompt (K)")
     batches: int = Field(description="Number of judge.request batches published for this round")
+    shards: int = Field(default=0, description="Number of infer.shard requests the round was split into (0: "
+                        "answered whole by one worker)")
+
+
+class InferShard(BaseModel):
+    """One shard of a round's eval split to answer (a work queue: any inference replica takes it), then hand
+    its answers to the judges as ``judge.request`` batches ``first_batch`` .. ``first_batch + shard_batches - 1``
+    of the round's ``batches``."""
+
+    adapter: ArtifactRef = Field(description="The round's adapter (train.done), verified against its sha256")
+    shard: int = Field(description="Shard index within the round, 0-based (its S3 object: shard-XXXXX.jsonl)")
+    shards: int = Field(description="Number of shards in the round")
+    prompt_ids: list[str] = Field(description="Ids of the eval-split prompts of this shard, in order")
+    first_batch: int = Field(description="Round-wide index of this shard's first judge batch")
+    shard_batches: int = Field(description="Number of judge batches this shard makes")
+    batches: int = Field(description="Number of judge batches in the whole round")
 
 
 class JudgeItem(BaseModel):
@@ -405,6 +426,7 @@ PAYLOADS: dict[Subject, type[BaseModel]] = {
     Subject.TRAIN_DONE: TrainDone,
     Subject.INFER_REQUEST: InferRequest,
     Subject.INFER_DONE: InferDone,
+    Subject.INFER_SHARD: InferShard,
     Subject.JUDGE_REQUEST: JudgeRequest,
     Subject.EVAL_SCORED: EvalScored,
     Subject.SYNTH_REQUEST: SynthRequest,
@@ -548,6 +570,7 @@ TrainProgressEvent = Envelope[TrainProgress]
 TrainDoneEvent = Envelope[TrainDone]
 InferRequestEvent = Envelope[InferRequest]
 InferDoneEvent = Envelope[InferDone]
+InferShardEvent = Envelope[InferShard]
 JudgeRequestEvent = Envelope[JudgeRequest]
 EvalScoredEvent = Envelope[EvalScored]
 SynthRequestEvent = Envelope[SynthRequest]
