@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,8 +22,9 @@ from pydantic import BaseModel
 
 from llamaduo.bus.cancellation import MigrationCancelled
 from llamaduo.contracts.events import TrainProgress
-from llamaduo.contracts.spec import StudentSpec
+from llamaduo.contracts.spec import StudentSpec, TrainingSpec
 from llamaduo.data.examples import Example
+from llamaduo.errors import SpecError
 from llamaduo.models.loading import (
     LoraMeta,
     StudentMeta,
@@ -67,6 +69,39 @@ class TrainResult(BaseModel):
     method: str
     lora_r: int | None = None
     lora_alpha: int | None = None
+
+
+def resolve_devices(training: TrainingSpec) -> int:
+    """Training processes for ``student.training``: its ``devices``, 'auto' = the node's CUDA GPUs (1 without).
+
+    Raises :class:`~llamaduo.errors.SpecError` when more devices than the node's GPUs are asked for on a CUDA
+    node, or when ``sharding`` is asked for without CUDA (FSDP and ZeRO-3 run on GPUs only)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = max(1, gpus) if training.devices == "auto" else training.devices
+    if gpus and devices > gpus:
+        raise SpecError(f"student.training.devices is {devices} but this node has {gpus} GPU(s): lower it or "
+                        "use 'auto'")
+    if training.sharding != "none" and not gpus:
+        raise SpecError(f"student.training.sharding {training.sharding!r} needs CUDA GPUs; this trainer has none "
+                        "(use sharding: none, which trains data-parallel on CPU processes with gloo)")
+    return devices
+
+
+def _sharding_args(sharding: str) -> dict[str, Any]:
+    """``TrainingArguments`` of ``student.training.sharding`` (transformers' FSDP2 / DeepSpeed integrations)."""
+    if sharding == "fsdp":
+        return {"fsdp": "full_shard auto_wrap", "fsdp_config": {
+            "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": True}}
+    if sharding == "deepspeed_zero3":
+        return {"deepspeed": {
+            "zero_optimization": {"stage": 3, "overlap_comm": True,
+                                  "stage3_gather_16bit_weights_on_model_save": True},
+            "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto"}}
+    return {}
 
 
 def lora_rank(rows: int, r: int | None = None, alpha: int | None = None) -> tuple[int, int]:
@@ -208,8 +243,12 @@ def build_trainer(
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     if not examples:
         raise ValueError("training needs at least one example")
+    from transformers import set_seed
+
     cfg = student.training
     cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1: a process of a torchrun group (distributed.py)
+    set_seed(cfg.seed)  # the same adapter initialisation in every process, and with 1 or N processes
     base_path = base_model_path or resolve_base_model(student.base_model)
     tokenizer = load_tokenizer(base_path)
     tokenizer.padding_side = "right"
@@ -233,7 +272,7 @@ def build_trainer(
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cuda)
 
-    steps_per_epoch = max(1, math.ceil(len(examples) / (cfg.batch_size * cfg.gradient_accumulation_steps)))
+    steps_per_epoch = max(1, math.ceil(len(examples) / (cfg.batch_size * cfg.gradient_accumulation_steps * world)))
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     args = SFTConfig(
         output_dir=str(work_dir),
@@ -258,6 +297,8 @@ def build_trainer(
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=cuda,
         disable_tqdm=True,
+        **({"ddp_backend": "nccl" if cuda else "gloo"} if world > 1 else {}),
+        **(_sharding_args(cfg.sharding) if world > 1 else {}),
     )
     extra_callbacks = [] if checkpoint_every_s is None else [_checkpoint_callback(checkpoint_every_s)]
     trainer = SFTTrainer(
@@ -279,12 +320,13 @@ def build_trainer(
     return trainer, tokenizer, meta
 
 
-def save_student(trainer: Any, tokenizer: Any, meta: StudentMeta, output_dir: Path) -> None:
+def save_student(trainer: Any, tokenizer: Any, meta: StudentMeta, output_dir: Path, *, weights: bool = True) -> None:
     """Save the adapter (LoRA) or whole model, the tokenizer and ``meta`` (``llamaduo_student.json``) to
-    ``output_dir``."""
+    ``output_dir``. ``weights=False``: the weights are already there (``trainer.save_model`` of a sharded run)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(str(output_dir))
+    if weights:
+        trainer.model.save_pretrained(str(output_dir))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # what inference wants
     tokenizer.save_pretrained(str(output_dir))
@@ -352,11 +394,23 @@ def train(
     saved, ``on_checkpoint`` gets it, and :class:`TrainingStopped` is raised instead of saving the student.
     ``should_cancel``: checked after every step too; when true (the migration was cancelled) training ends with
     nothing saved and :class:`~llamaduo.bus.cancellation.MigrationCancelled` is raised.
+
+    With ``student.training.devices`` other than 1 (see :func:`resolve_devices`), training runs data-parallel in
+    a torchrun process group (:mod:`~llamaduo.services.trainer.distributed`); every hook above keeps its meaning.
     """
     started = time.monotonic()
     losses: list[float] = []
     base_model_path = base_model_path or resolve_base_model(student.base_model)
     fit = fit_rows(examples, system_prompt, load_tokenizer(base_model_path), student.training.max_length)
+    devices = resolve_devices(student.training)
+    if devices > 1:
+        from llamaduo.services.trainer.distributed import train_distributed
+
+        return train_distributed(
+            student, fit.kept, system_prompt, Path(output_dir), devices=devices, progress=progress,
+            checkpoint_dir=checkpoint_dir, base_model_path=base_model_path, checkpoint_every_s=checkpoint_every_s,
+            on_checkpoint=on_checkpoint, should_stop=should_stop, should_cancel=should_cancel,
+            rows_too_long=len(fit.too_long))
     with tempfile.TemporaryDirectory(prefix="llamaduo-train-") as scratch:
         work_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(scratch)
         trainer, tokenizer, meta = build_trainer(
@@ -382,11 +436,18 @@ def train(
         if should_stop is not None and trainer.state.global_step < trainer.state.max_steps and should_stop():
             raise TrainingStopped(trainer.state.global_step)
         save_student(trainer, tokenizer, meta, Path(output_dir))
+    return train_result(trainer, output, meta, student, losses, started,
+                        rows=len(fit.kept), rows_too_long=len(fit.too_long))
+
+
+def train_result(trainer: Any, output: Any, meta: StudentMeta, student: StudentSpec, losses: list[float],
+                 started: float, *, rows: int, rows_too_long: int) -> TrainResult:
+    """The :class:`TrainResult` of a finished ``trainer.train()`` (``output``), timed from ``started``."""
     state = trainer.state
     runtime = float(output.metrics.get("train_runtime") or 0.0)
     return TrainResult(
-        rows=len(fit.kept),
-        rows_too_long=len(fit.too_long),
+        rows=rows,
+        rows_too_long=rows_too_long,
         steps=state.global_step,
         train_loss=output.training_loss,
         final_loss=losses[-1] if losses else None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -151,6 +151,24 @@ class TrainingSpec(_Strict):
         default="cosine", description="Learning-rate schedule after warmup, a transformers scheduler name "
         "(cosine, linear, constant, ...)")
     seed: int = Field(default=0, description="Random seed of training (row order, adapter initialisation)")
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=1, description="Processes training data-parallel, one per device (torchrun through accelerate): "
+        "1 = in the trainer's own process; N > 1 = N processes on this node, each on its own GPU (on a machine "
+        "without CUDA: N CPU processes with the gloo backend); 'auto' = every GPU of the node (1 without CUDA). "
+        "Each process takes batch_size rows a step, so the effective batch is batch_size x devices x "
+        "gradient_accumulation_steps")
+    sharding: Literal["none", "fsdp", "deepspeed_zero3"] = Field(
+        default="none", description="How the processes hold the student: 'none' = a whole copy each (DDP); "
+        "'fsdp' = weights, gradients and optimizer state sharded across the GPUs (PyTorch FSDP2 through "
+        "accelerate); 'deepspeed_zero3' = the same with DeepSpeed ZeRO stage 3 (pip install deepspeed). For a "
+        "student that does not fit one GPU; needs CUDA GPUs and devices other than 1")
+
+    @model_validator(mode="after")
+    def _sharding_needs_devices(self) -> TrainingSpec:
+        if self.sharding != "none" and self.devices == 1:
+            raise ValueError(f"sharding {self.sharding!r} splits the student across devices: set devices to 2 or "
+                             "more, or 'auto', or sharding: none")
+        return self
 
 
 class InferenceSpec(_Strict):
