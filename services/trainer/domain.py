@@ -92,7 +92,7 @@ def resolve_devices(training: TrainingSpec) -> int:
 def _sharding_args(sharding: str) -> dict[str, Any]:
     """``TrainingArguments`` of ``student.training.sharding`` (transformers' FSDP2 / DeepSpeed integrations)."""
     if sharding == "fsdp":
-        return {"fsdp": "full_shard auto_wrap", "fsdp_config": {
+        return {"fsdp": True, "fsdp_config": {  # a string for fsdp is deprecated in transformers 5
             "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
             "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": True}}
     if sharding == "deepspeed_zero3":

@@ -22,7 +22,8 @@ import pytest
 from llamaduo.contracts.events import TrainProgress
 from llamaduo.contracts.spec import StudentSpec
 from llamaduo.data.examples import Example
-from llamaduo.services.trainer.domain import TrainingStopped, train
+from llamaduo.errors import SpecError
+from llamaduo.services.trainer.domain import TrainingStopped, _sharding_args, resolve_devices, train
 from llamaduo.tasks.triage import make_dataset
 
 pytestmark = pytest.mark.slow
@@ -87,3 +88,18 @@ def test_two_processes_follow_one_save_once_and_resume(tmp_path: Path) -> None:
     adapters = sorted(p.parent for p in tmp_path.rglob("adapter_model.safetensors") if checkpoints not in p.parents)
     assert adapters == [tmp_path / "one", out]
     assert (out / "llamaduo_student.json").is_file()
+
+
+@pytest.mark.parametrize("sharding", ["fsdp", "deepspeed_zero3"])
+def test_sharding_is_refused_without_cuda_and_its_arguments_are_transformers_own(sharding: str) -> None:
+    import torch
+    from transformers import TrainingArguments
+
+    training = student(2, 2).training.model_copy(update={"sharding": sharding})
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecError, match="needs CUDA GPUs"):
+            resolve_devices(training)
+    if sharding == "fsdp":  # deepspeed's needs the deepspeed package
+        args = TrainingArguments(output_dir="unused", **_sharding_args(sharding))
+        assert args.fsdp_config["version"] == 2
+    assert resolve_devices(student(2, 2).training) == 2
