@@ -212,9 +212,8 @@ def _group_callbacks(job: Path, rank: int, channel: _Rank0Channel | None, report
 
 def run_rank(job: Path) -> None:
     """One process of the group (torchrun sets ``RANK`` / ``WORLD_SIZE``): train, and on rank 0 save and report."""
+    from llamaduo.services.trainer.callbacks import last_checkpoint, progress_callback
     from llamaduo.services.trainer.domain import (
-        _last_checkpoint,
-        _progress_callback,
         build_trainer,
         save_student,
         train_result,
@@ -245,10 +244,10 @@ def run_rank(job: Path) -> None:
     trainer, tokenizer, meta = build_trainer(
         student, examples, spec["system_prompt"], work_dir, base_model_path=spec["base_model_path"],
         checkpoint_every_s=spec["checkpoint_every_s"] if checkpoint_dir is not None else None,
-        callbacks=[_progress_callback(report, losses),
+        callbacks=[progress_callback(report, losses),
                    *_group_callbacks(job, rank, channel, spec["report_checkpoints"], outcome)],
     )
-    resume = _last_checkpoint(checkpoint_dir)
+    resume = last_checkpoint(checkpoint_dir)
     output = trainer.train(resume_from_checkpoint=resume)
     if outcome["status"] == "done":
         if student.training.sharding != "none":

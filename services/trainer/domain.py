@@ -36,6 +36,13 @@ from llamaduo.models.loading import (
     write_student_meta,
 )
 from llamaduo.models.resolve import resolve_base_model
+from llamaduo.services.trainer.callbacks import (
+    checkpoint_callback,
+    last_checkpoint,
+    progress_callback,
+    save_hook,
+    stop_callback,
+)
 from llamaduo.services.trainer.rows import RowFit, chat_row, fit_rows
 
 log = logging.getLogger(__name__)
@@ -119,101 +126,6 @@ def build_dataset(examples: list[Example], system_prompt: str) -> Any:
     return Dataset.from_list([chat_row(ex, system_prompt) for ex in examples])
 
 
-def _progress_callback(progress: Callable[[TrainProgress], None] | None, losses: list[float]) -> Any:
-    from transformers import TrainerCallback
-
-    class _Progress(TrainerCallback):
-        """Reports step, loss, tokens/s and ETA at every log event and at the end."""
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.start, self.start_step = time.monotonic(), state.global_step
-            self.start_tokens = state.num_input_tokens_seen
-            self.reported = -1
-
-        def _report(self, state: Any) -> None:
-            elapsed = max(time.monotonic() - self.start, 1e-9)
-            done = state.global_step - self.start_step
-            eta = (state.max_steps - state.global_step) * elapsed / done if done else None
-            tps = (state.num_input_tokens_seen - self.start_tokens) / elapsed
-            self.reported = state.global_step
-            progress(
-                TrainProgress(
-                    step=state.global_step,
-                    total_steps=state.max_steps,
-                    loss=losses[-1] if losses else None,
-                    tokens_per_second=tps,
-                    eta_seconds=eta,
-                )
-            )
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-                if progress is not None:
-                    self._report(state)
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if progress is not None and self.reported != state.global_step:
-                self._report(state)
-
-    return _Progress()
-
-
-def _checkpoint_callback(every_s: float) -> Any:
-    from transformers import TrainerCallback
-
-    class _CheckpointEvery(TrainerCallback):
-        """Asks for a checkpoint when ``every_s`` seconds have passed since the last one (or the start)."""
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.last = time.monotonic()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if time.monotonic() - self.last >= every_s and state.global_step < state.max_steps:
-                control.should_save = True
-                self.last = time.monotonic()
-
-    return _CheckpointEvery()
-
-
-def _stop_callback(should_stop: Callable[[], bool], should_cancel: Callable[[], bool]) -> Any:
-    from transformers import TrainerCallback
-
-    class _StopOnRequest(TrainerCallback):
-        """After a step: ``should_cancel()``: end training, nothing saved; ``should_stop()``: checkpoint, end."""
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step < state.max_steps and should_cancel():
-                control.should_training_stop = True
-            elif state.global_step < state.max_steps and should_stop():
-                control.should_save = True
-                control.should_training_stop = True
-
-    return _StopOnRequest()
-
-
-def _save_hook(on_checkpoint: Callable[[Path], None]) -> Any:
-    from transformers import TrainerCallback
-
-    class _OnSave(TrainerCallback):
-        """Hands each saved checkpoint folder (``<output_dir>/checkpoint-<step>``) to ``on_checkpoint``."""
-
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                on_checkpoint(folder)
-
-    return _OnSave()
-
-
-def _last_checkpoint(checkpoint_dir: Path | None) -> str | None:
-    if checkpoint_dir is None or not checkpoint_dir.is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(checkpoint_dir))
-
-
 def build_trainer(
     student: StudentSpec,
     examples: list[Example],
@@ -292,7 +204,7 @@ def build_trainer(
         logging_steps=max(1, total_steps // 20),
         logging_first_step=True,
         report_to="none",
-        save_strategy="no",  # checkpoints are time-based, see _checkpoint_callback
+        save_strategy="no",  # checkpoints are time-based, see checkpoint_callback
         save_total_limit=1,
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=cuda,
@@ -300,7 +212,7 @@ def build_trainer(
         **({"ddp_backend": "nccl" if cuda else "gloo"} if world > 1 else {}),
         **(_sharding_args(cfg.sharding) if world > 1 else {}),
     )
-    extra_callbacks = [] if checkpoint_every_s is None else [_checkpoint_callback(checkpoint_every_s)]
+    extra_callbacks = [] if checkpoint_every_s is None else [checkpoint_callback(checkpoint_every_s)]
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -421,13 +333,13 @@ def train(
             base_model_path=base_model_path,
             checkpoint_every_s=checkpoint_every_s if checkpoint_dir is not None else None,
             callbacks=[
-                _progress_callback(progress, losses),
-                *([_save_hook(on_checkpoint)] if on_checkpoint is not None and checkpoint_dir is not None else []),
-                _stop_callback(should_stop or (lambda: False), should_cancel or (lambda: False)),
+                progress_callback(progress, losses),
+                *([save_hook(on_checkpoint)] if on_checkpoint is not None and checkpoint_dir is not None else []),
+                stop_callback(should_stop or (lambda: False), should_cancel or (lambda: False)),
             ],
             fit=fit,
         )
-        resume = _last_checkpoint(checkpoint_dir)
+        resume = last_checkpoint(checkpoint_dir)
         if resume:
             log.info("resuming training from %s", Path(resume).name)
         output = trainer.train(resume_from_checkpoint=resume)
