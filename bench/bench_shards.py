@@ -27,10 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import nats
-
 from llamaduo.bus.client import follow, publish_start, wait_ready
-from llamaduo.contracts.events import Subject, parse_event
+from llamaduo.contracts.events import Subject
 from llamaduo.contracts.spec import parse_spec
 from llamaduo.runtime.embedded import Embedded
 from llamaduo.services.inference.shards import PROMPTS_PER_SHARD
@@ -53,19 +51,8 @@ def spec(data: Path) -> dict:
 
 
 async def events_of(settings: Settings) -> list:
-    nc = await nats.connect(settings.nats_url)
-    js = nc.jetstream()
-    last = (await js.stream_info(settings.stream_name)).state.last_seq
-    sub = await js.subscribe(">", stream=settings.stream_name, ordered_consumer=True)
-    out = []
-    while True:
-        msg = await sub.next_msg(timeout=10)
-        if not msg.subject.startswith("dlq."):
-            out.append(parse_event(msg.data))
-        if msg.metadata.sequence.stream >= last:
-            break
-    await nc.close()
-    return out
+    """The installation's stored events, in stream order (the CLI's reader: ``llamaduo events``)."""
+    return [env async for env in follow(settings, live=False)]
 
 
 async def migrate(env: Embedded, data: Path) -> list:

@@ -74,17 +74,21 @@ async def carries_an_event(settings: Settings) -> list[int]:
 
 
 async def stored_events(settings: Settings) -> list:
-    """Every event in the installation's stream, in stream order (dead letters left out)."""
-    nc = await nats.connect(settings.nats_url)
-    js = nc.jetstream()
-    last = (await js.stream_info(settings.stream_name)).state.last_seq
-    sub = await js.subscribe(">", stream=settings.stream_name, ordered_consumer=True)
-    out = []
-    while True:
-        msg = await sub.next_msg(timeout=10)
-        if not msg.subject.startswith("dlq."):
-            out.append(parse_event(msg.data))
-        if msg.metadata.sequence.stream >= last:
-            break
-    await nc.close()
-    return out
+    """Every event in the installation's stream, in stream order (dead letters left out). Connects like the
+    services do (``LLAMADUO_NATS_URL`` may list several cluster nodes)."""
+    from llamaduo.bus.connection import connect
+
+    nc = await connect(settings)
+    try:
+        js = nc.jetstream()
+        last = (await js.stream_info(settings.stream_name)).state.last_seq
+        sub = await js.subscribe(">", stream=settings.stream_name, ordered_consumer=True)
+        out = []
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            if not msg.subject.startswith("dlq."):
+                out.append(parse_event(msg.data))
+            if msg.metadata.sequence.stream >= last:
+                return out
+    finally:
+        await nc.close()

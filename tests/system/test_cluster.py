@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.bus import stored_events
 from support.specs import triage_spec
 
 from llamaduo.bus.connection import connect
-from llamaduo.contracts.events import Subject, parse_event
+from llamaduo.contracts.events import Subject
 from llamaduo.runtime.embedded import Embedded
 from llamaduo.runtime.local_servers import NatsCluster, S3Server
 from llamaduo.settings import Settings
@@ -66,22 +67,6 @@ async def _stream_leader(settings: Settings) -> str:
         await nc.close()
 
 
-async def _stored_events(settings: Settings) -> list:
-    nc = await connect(settings)
-    try:
-        js = nc.jetstream()
-        last = (await js.stream_info(settings.stream_name)).state.last_seq
-        sub = await js.subscribe(">", stream=settings.stream_name, ordered_consumer=True)
-        out = []
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            if not msg.subject.startswith("dlq."):
-                out.append(parse_event(msg.data))
-            if msg.metadata.sequence.stream >= last:
-                return out
-    finally:
-        await nc.close()
-
 
 async def _run(env: ClusteredEmbedded, spec: dict, timeout: float) -> tuple[str, str, list]:
     """Run the migration; at the first eval.scored of round 0, kill -9 the stream's leader node.
@@ -112,7 +97,7 @@ async def _run(env: ClusteredEmbedded, spec: dict, timeout: float) -> tuple[str,
         await asyncio.sleep(0.5)
     await nc.close()
     assert killed, "the stream leader was never killed"
-    return killed[0], await _stream_leader(settings), await _stored_events(settings)
+    return killed[0], await _stream_leader(settings), await stored_events(settings)
 
 
 def test_migration_survives_kill_minus_nine_of_the_stream_leader(tmp_path: Path, triage_data: Path) -> None:
