@@ -47,15 +47,6 @@ def make_adapter(base: Path, dest: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llamaduo.models.tiny import build_tiny
-
-    folder = tmp_path_factory.mktemp("tiny")
-    build_tiny("llama", folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def made(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("made")
     return {v: make_adapter(tiny_model, root / v, seed) for v, seed in ((V1, 1), (V2, 2), (V3, 3))}

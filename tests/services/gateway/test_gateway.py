@@ -35,15 +35,6 @@ SCHEMA = {"type": "object", "required": ["queue"], "properties": {"queue": {"typ
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llamaduo.models.tiny import build_tiny
-
-    folder = tmp_path_factory.mktemp("tiny")
-    build_tiny("llama", folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer(responder=UPSTREAM_ANSWER) as server:
         yield server
