@@ -32,6 +32,7 @@ from llamaduo.contracts.events import Subject, start_envelope
 from llamaduo.runtime.embedded import Embedded
 from llamaduo.services.gateway.app import GatewayService, bind
 from llamaduo.services.gateway.config import parse_routes
+from llamaduo.services.gateway.watch import register_watch
 from llamaduo.serving.server import ServerThread
 from llamaduo.tasks.triage import make_dataset, oracle
 
@@ -133,13 +134,16 @@ async def installation_ready(env: Embedded, timeout: float = 60.0) -> None:
         await nc.close()
 
 
-async def running(env: Embedded, upstream: FakeOpenAIServer, local: ServerThread,
-                  adapters_dir: Path) -> AsyncIterator[Scene]:
+async def running(env: Embedded, upstream: FakeOpenAIServer, local: ServerThread, adapters_dir: Path,
+                  shadow: dict[str, Any] | None = None) -> AsyncIterator[Scene]:
+    """The gateway of the route; with ``shadow`` (the route's shadow section) its watch is registered and the bus's
+    consumers started too, as :func:`llamaduo.services.gateway.app.register` has the service do."""
     config = parse_routes({"routes": [{
         "name": ROUTE,
         "upstream": {"provider": "openai-compatible", "model": "gpt-4o-mini", "base_url": upstream.base_url,
                      "max_retries": 0},
         "local": {"base_url": f"{local.url}/v1", "load_adapters": True, "adapters_dir": str(adapters_dir)},
+        **({"shadow": shadow} if shadow is not None else {}),
     }], "capture": {"batch_rows": 1000, "batch_seconds": 0.5}})
     from llamaduo.storage.store import ArtifactStore
 
@@ -147,10 +151,14 @@ async def running(env: Embedded, upstream: FakeOpenAIServer, local: ServerThread
     store = ArtifactStore(env.settings)
     store.ensure_bucket()
     bus = Bus(env.settings, "gateway")
+    if shadow is not None:
+        register_watch(bus, config)  # the replica consumes shadow.scored
     service = GatewayService(bus, store, config, bind("127.0.0.1", 0))
     assert service.gateway.adapters is not None
     service.gateway.adapters.retry_seconds = 0.5
     async with Recorder(env.settings) as recorder:
+        if shadow is not None:
+            await bus.broker.start()
         await service.start()
         scene = Scene(env, service, local, recorder)
         try:

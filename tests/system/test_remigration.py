@@ -25,16 +25,14 @@ from typing import Any
 import pytest
 import yaml
 from fakes.llm_servers import FakeOpenAIServer, Recorded
-from support.bus import Recorder, stored_events
+from support.bus import stored_events
 
 from llamaduo.bus.broker import Bus
 from llamaduo.contracts.events import Subject, start_envelope
 from llamaduo.contracts.routes import RouteState
 from llamaduo.contracts.spec import parse_spec
 from llamaduo.runtime.embedded import Embedded
-from llamaduo.services.gateway.app import GatewayService, bind
-from llamaduo.services.gateway.config import parse_routes
-from llamaduo.services.gateway.watch import register_watch, remigration_id_of
+from llamaduo.services.gateway.watch import remigration_id_of
 from llamaduo.serving.server import ServerThread
 from llamaduo.storage.keys import baseline_adapter_key
 from llamaduo.tasks.triage import make_dataset
@@ -43,10 +41,10 @@ from tests.system.test_continuity import (
     USERS,
     Scene,
     answer_as_service_llm,
-    installation_ready,
     spec,
     unique,
 )
+from tests.system.test_continuity import running as continuity_running
 
 pytestmark = pytest.mark.slow
 
@@ -71,38 +69,13 @@ def template() -> dict[str, Any]:
 
 async def running(env: Embedded, upstream: FakeOpenAIServer, judge: FakeOpenAIServer, local: ServerThread,
                   adapters_dir: Path, template_path: Path) -> AsyncIterator[Scene]:
-    """test_continuity's gateway, its route with a shadow watch that re-migrates (the watch registered and the
-    bus's consumers started, as :func:`llamaduo.services.gateway.app.register` has the service do)."""
-    config = parse_routes({"routes": [{
-        "name": ROUTE,
-        "upstream": {"provider": "openai-compatible", "model": "gpt-4o-mini", "base_url": upstream.base_url,
-                     "max_retries": 0},
-        "local": {"base_url": f"{local.url}/v1", "load_adapters": True, "adapters_dir": str(adapters_dir)},
-        "shadow": {"sample_rate": 1.0, "threshold": THRESHOLD, "window": WINDOW,
-                   "judge": {"provider": "openai-compatible", "model": "judge-model", "base_url": judge.base_url,
-                             "max_retries": 0},
-                   "remigrate": {"spec": str(template_path)}},
-    }], "capture": {"batch_rows": 1000, "batch_seconds": 0.5}})
-    from llamaduo.storage.store import ArtifactStore
-
-    await installation_ready(env)
-    store = ArtifactStore(env.settings)
-    store.ensure_bucket()
-    bus = Bus(env.settings, "gateway")
-    register_watch(bus, config)  # as the service's register does: the replica consumes shadow.scored
-    service = GatewayService(bus, store, config, bind("127.0.0.1", 0))
-    assert service.gateway.adapters is not None
-    service.gateway.adapters.retry_seconds = 0.5
-    async with Recorder(env.settings) as recorder:
-        await bus.broker.start()
-        await service.start()
-        scene = Scene(env, service, local, recorder)
-        try:
-            yield scene
-        finally:
-            await scene.client.close()
-            await service.stop()
-            await bus.broker.stop()
+    """test_continuity's gateway, its route with a shadow watch judged by ``judge`` that re-migrates."""
+    shadow = {"sample_rate": 1.0, "threshold": THRESHOLD, "window": WINDOW,
+              "judge": {"provider": "openai-compatible", "model": "judge-model", "base_url": judge.base_url,
+                        "max_retries": 0},
+              "remigrate": {"spec": str(template_path)}}
+    async for scene in continuity_running(env, upstream, local, adapters_dir, shadow):
+        yield scene
 
 
 async def finished(scene: Scene, migration_id: str, timeout: float = 120.0) -> Any:
