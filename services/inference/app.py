@@ -6,7 +6,9 @@
 * ``infer.shard`` -> answer the shard (the student loaded once per worker and round, with the backend
   ``student.inference.backend`` picks, see the domain module; a stored shard reused) -> the shard to S3 -> its
   ``judge.request`` batches at once, so judging overlaps the generation of the other shards; whoever stores the
-  last shard joins them into the round's ``predictions.jsonl``.
+  last shard joins them into the round's ``predictions.jsonl``. A shard of a round whose judging the controller
+  already closed (early stopping, :class:`~llamaduo.storage.markers.ClosedRounds`) is skipped: nothing would
+  judge it, so that round's ``predictions.jsonl`` is not written (its answered shards stay in S3).
 * ``migration.completed`` -> when the spec's ``serve.enabled`` is set, serve the migration's chosen model on
   ``serve.host:serve.port`` under ``serve.model_name`` (default: the migration id), from a thread of this
   service (:mod:`~llamaduo.services.inference.serve_after`). With several inference replicas, one of them
@@ -45,6 +47,8 @@ from llamaduo.contracts.events import (
 )
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
+from llamaduo.runtime.preload import preload
+from llamaduo.runtime.work_clock import WorkClock, work_stage
 from llamaduo.services.inference.serve_after import Servers, serve_completed
 from llamaduo.services.inference.shards import (
     Answerer,
@@ -55,6 +59,7 @@ from llamaduo.services.inference.shards import (
     predict_round,
 )
 from llamaduo.storage.keys import answered_data_key, data_key, predictions_key
+from llamaduo.storage.markers import ClosedRounds
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
 log = logging.getLogger("llamaduo.inference")
@@ -69,6 +74,7 @@ SERVING = Delivery(max_deliver=2, ack_wait=60.0, backoff=(10.0,))
 def register(bus: Bus, store: ArtifactStore) -> None:
     """Subscribe the inference service's consumers on ``bus``."""
     specs = SpecCache(store)
+    preload("peft", "transformers.generation")  # the first round does not wait for the imports
     servers: Servers = {}
 
     @bus.consumer(Subject.MIGRATION_COMPLETED, "inference-serve", SERVING)
@@ -84,18 +90,24 @@ def register(bus: Bus, store: ArtifactStore) -> None:
     @bus.consumer(Subject.INFER_REQUEST, "inference-request", INFERENCE)
     async def on_infer_request(event: InferRequestEvent) -> None:
         """Answer the holdout split, or the eval split for a baseline, with the adapter named; hand over to judges."""
+        clock = WorkClock()
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         split = event.payload.split
         prompts = await asyncio.to_thread(store.read_models, answered_data_key(event.migration_id, split), Example)
         model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}-{split}"
-        items, _ = await asyncio.to_thread(
-            predict_round, store, spec, prompts, event.migration_id, event.round, event.payload.adapter, model_dir,
-            should_stop=bus.stopping.is_set, split=split, should_cancel=bus.cancelled.checker(event.migration_id))
+        # the student this worker holds for the round's eval answers, when it is that adapter (else loaded)
+        answer = round_answerer(spec, event.migration_id, event.round, event.payload.adapter)
+        with clock.stage("generate"):
+            items, _ = await asyncio.to_thread(
+                predict_round, store, spec, prompts, event.migration_id, event.round, event.payload.adapter,
+                model_dir, should_stop=bus.stopping.is_set, split=split,
+                should_cancel=bus.cancelled.checker(event.migration_id), answer=answer)
         size = spec.judge.batch_size
         batches = [items[i:i + size] for i in range(0, len(items), size)]
         for b, chunk in enumerate(batches):
             await bus.emit(event.follow(Subject.JUDGE_REQUEST, JudgeRequest(
-                batch=b, batches=len(batches), items=chunk, split=split), key=f"judge-{split}-{b}"))
+                batch=b, batches=len(batches), items=chunk, split=split, work=clock.work() if b == 0 else None),
+                key=f"judge-{split}-{b}"))
         shutil.rmtree(model_dir, ignore_errors=True)
 
     @bus.consumer(Subject.TRAIN_DONE, "inference", INFERENCE)
@@ -118,6 +130,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                                                    "shards": len(plans), "batches": batches})
 
     tests: dict[str, dict[str, Example]] = {}
+    rounds = ClosedRounds(store)
     answerers: dict[tuple[str, int, str], Answerer] = {}
     loading = threading.Lock()
 
@@ -135,8 +148,9 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                 def load() -> Answerer:
                     from llamaduo.services.inference.domain import load_generator
 
-                    store.get_ref_dir(mid, adapter, model_dir)
-                    generator = load_generator(spec.student, model_dir)
+                    with work_stage("load"):
+                        store.get_ref_dir(mid, adapter, model_dir)
+                        generator = load_generator(spec.student, model_dir)
                     return lambda prompts: generator.generate(prompts, spec.task.system_prompt)
 
                 answerers[key] = lazy_answerer(load)
@@ -153,24 +167,32 @@ def register(bus: Bus, store: ArtifactStore) -> None:
     async def on_infer_shard(event: InferShardEvent) -> None:
         """Answer one shard of a round (the stored one reused), publish its judge batches at once (judging
         overlaps the rest of the round's generation); whoever stores the last shard joins the predictions."""
-        spec = await asyncio.to_thread(specs.get, event.migration_id)
+        clock = WorkClock()
         p = event.payload
+        if await asyncio.to_thread(rounds.closed, event.migration_id, event.round):
+            log.info("shard skipped: the round's judging is closed", extra={
+                "migration_id": event.migration_id, "round": event.round, "shard": p.shard})
+            return
+        spec = await asyncio.to_thread(specs.get, event.migration_id)
         by_id = await asyncio.to_thread(test_examples, event.migration_id)
         chunk = [by_id[i] for i in p.prompt_ids]
         k = spec.student.inference.samples_per_prompt
         started = time.monotonic()
-        items, generated = await asyncio.to_thread(
-            answer_shard, store, chunk, event.migration_id, event.round, p.shard,
-            round_answerer(spec, event.migration_id, event.round, p.adapter), k, should_stop=bus.stopping.is_set,
-            should_cancel=bus.cancelled.checker(event.migration_id))
+        with clock.stage("generate"):  # the model load inside (first shard of the round here) is timed as "load"
+            items, generated = await asyncio.to_thread(
+                answer_shard, store, chunk, event.migration_id, event.round, p.shard,
+                round_answerer(spec, event.migration_id, event.round, p.adapter), k,
+                should_stop=bus.stopping.is_set, should_cancel=bus.cancelled.checker(event.migration_id))
         log.info("shard answered", extra={"migration_id": event.migration_id, "round": event.round,
                                           "shard": p.shard, "shards": p.shards, "generated": generated,
                                           "producer": PRODUCER, "seconds": round(time.monotonic() - started, 3)})
         # joined before this shard's batches go out: the round cannot be judged in full before its predictions exist
         await asyncio.to_thread(join_if_complete, store, event.migration_id, event.round, p.shards, k)
         size = spec.judge.batch_size
+        work = clock.work()
         for b in range(p.shard_batches):
             chunk_items = items[b * size:(b + 1) * size]
             index = p.first_batch + b
             await bus.emit(event.follow(Subject.JUDGE_REQUEST, JudgeRequest(
-                batch=index, batches=p.batches, items=chunk_items), key=f"judge-{index}"))
+                batch=index, batches=p.batches, items=chunk_items, work=work if b == 0 else None),
+                key=f"judge-{index}"))

@@ -17,6 +17,7 @@ from llamaduo.bus.cancellation import MigrationCancelled
 from llamaduo.contracts.events import ArtifactRef, JudgeItem
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
+from llamaduo.runtime.work_clock import work_stage
 from llamaduo.storage.keys import predictions_key, shard_key
 from llamaduo.storage.store import ArtifactStore
 
@@ -91,7 +92,8 @@ def answer_shard(
         raise MigrationCancelled(f"shard {index} answered, not stored: the migration was cancelled")
     items = [JudgeItem(item_id=e.id, sample=k, instruction=e.instruction, reference=e.response, candidate=text)
              for e, samples in zip(chunk, answers, strict=True) for k, text in enumerate(samples)]
-    store.put_jsonl(key, items)
+    with work_stage("other"):
+        store.put_jsonl(key, items)
     return items, True
 
 
@@ -151,7 +153,7 @@ def predict_round(
     store: ArtifactStore, spec: MigrationSpec, test: list[Example], migration_id: str, round: int,
     adapter: ArtifactRef | str, model_dir: Path, *, shard_size: int = PROMPTS_PER_SHARD,
     should_stop: Callable[[], bool] | None = None, split: str = "eval",
-    should_cancel: Callable[[], bool] | None = None,
+    should_cancel: Callable[[], bool] | None = None, answer: Answerer | None = None,
 ) -> tuple[list[JudgeItem], ArtifactRef]:
     """Predictions of a round (sharded, see :func:`predict_in_shards`) joined into ``predictions.jsonl``.
 
@@ -160,20 +162,23 @@ def predict_round(
     :class:`~llamaduo.errors.StoreError` before anything is loaded (a bare key is checked for its prefix and
     per-file hashes only). ``predictions.jsonl`` is written once (a redelivery never replaces a published one).
     ``split``: 'eval', or 'holdout' (its shards and predictions in the round's ``holdout/`` folder).
+    ``answer``: the student already loaded from ``adapter`` by this process (then nothing is downloaded or loaded).
     """
 
     def load() -> Answerer:
         from llamaduo.services.inference.domain import load_generator
 
-        if isinstance(adapter, ArtifactRef):
-            store.get_ref_dir(migration_id, adapter, model_dir)
-        else:
-            store.get_dir(adapter, model_dir, migration_id=migration_id)
-        generator = load_generator(spec.student, model_dir)
+        with work_stage("load"):
+            if isinstance(adapter, ArtifactRef):
+                store.get_ref_dir(migration_id, adapter, model_dir)
+            else:
+                store.get_dir(adapter, model_dir, migration_id=migration_id)
+            generator = load_generator(spec.student, model_dir)
         return lambda prompts: generator.generate(prompts, spec.task.system_prompt)
 
     k = spec.student.inference.samples_per_prompt
-    items, _ = predict_in_shards(store, test, migration_id, round, lazy_answerer(load), k, shard_size=shard_size,
+    items, _ = predict_in_shards(store, test, migration_id, round, answer or lazy_answerer(load), k,
+                                 shard_size=shard_size,
                                  should_stop=should_stop, split=split, should_cancel=should_cancel)
     if should_cancel is not None and should_cancel():
         raise MigrationCancelled(f"round {round} answered, predictions not stored: the migration was cancelled")

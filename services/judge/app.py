@@ -31,7 +31,9 @@ from llamaduo.contracts.events import EvalScored, JudgeRequestEvent, ShadowReque
 from llamaduo.providers.base import Provider, make_provider
 from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
 from llamaduo.providers.shared_limits import make_shared_provider
-from llamaduo.storage.keys import batch_scores_key, judging_closed_key
+from llamaduo.runtime.work_clock import WorkClock
+from llamaduo.storage.keys import batch_scores_key
+from llamaduo.storage.markers import ClosedRounds
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
 if TYPE_CHECKING:
@@ -48,14 +50,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
     specs = SpecCache(store)
     providers: dict[str, Provider] = {}
     checkers: dict[str, Checker] = {}
-    closed: set[tuple[str, int]] = set()
-
-    async def judging_closed(migration_id: str, round: int) -> bool:
-        if (migration_id, round) not in closed:
-            if not await asyncio.to_thread(store.exists, judging_closed_key(migration_id, round)):
-                return False
-            closed.add((migration_id, round))
-        return True
+    rounds = ClosedRounds(store)
 
     register_shadow(bus)
 
@@ -66,8 +61,9 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         from llamaduo.services.judge.domain import judge_items
         from llamaduo.tasks.plugins import CheckerError
 
+        clock = WorkClock()
         split = event.payload.split
-        if split == "eval" and await judging_closed(event.migration_id, event.round):
+        if split == "eval" and await asyncio.to_thread(rounds.closed, event.migration_id, event.round):
             log.info("batch skipped: judging closed", extra={"migration_id": event.migration_id,
                                                               "round": event.round, "batch": event.payload.batch})
             return
@@ -78,8 +74,9 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                     checkers[event.migration_id] = await asyncio.to_thread(load_checker, spec.judge.checker)
                 except CheckerError as err:
                     raise PermanentError(str(err)) from None
-            scores, usage = await check_items(event.payload.items, checkers[event.migration_id],
-                                              spec.judge.checker)
+            with clock.stage("judge"):
+                scores, usage = await check_items(event.payload.items, checkers[event.migration_id],
+                                                  spec.judge.checker)
             judged_by, exhausted = f"programmatic:{spec.judge.checker}", False
         else:
             if event.migration_id not in providers:
@@ -87,15 +84,16 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                     bus, event.migration_id, spec.budget, await make_shared_provider(
                     bus, spec.judge_llm, spec.task, make=make_provider))
             provider = providers[event.migration_id]
-            scores, usage = await judge_items(event.payload.items, provider, spec.judge,
-                                              temperature=spec.judge_llm.temperature)
+            with clock.stage("judge"):
+                scores, usage = await judge_items(event.payload.items, provider, spec.judge,
+                                                  temperature=spec.judge_llm.temperature)
             judged_by = provider.name
             exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
         stored = await asyncio.to_thread(
             store.put_jsonl, batch_scores_key(event.migration_id, event.round, event.payload.batch, split), scores)
         await bus.emit(event.follow(Subject.EVAL_SCORED, EvalScored(
             batch=event.payload.batch, batches=event.payload.batches, scores=scores, usage=usage,
-            provider=judged_by, budget_exhausted=exhausted, scores_ref=stored, split=split,
+            provider=judged_by, budget_exhausted=exhausted, scores_ref=stored, split=split, work=clock.work(),
         ), key=f"scored-{event.payload.batch}" if split == "eval" else f"scored-{split}-{event.payload.batch}"))
 
 

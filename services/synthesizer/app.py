@@ -19,6 +19,7 @@ from llamaduo.data.examples import Example
 from llamaduo.providers.base import make_provider
 from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
 from llamaduo.providers.shared_limits import make_shared_provider
+from llamaduo.runtime.work_clock import WorkClock
 from llamaduo.storage.keys import batch_scores_prefix, data_key, round_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
@@ -33,6 +34,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         """Ask the teacher for new training data like the train-split seeds."""
         from llamaduo.services.synthesizer.domain import synthesize
 
+        clock = WorkClock()
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         train = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "train"), Example)
         test = await asyncio.to_thread(store.read_models, data_key(event.migration_id, "test"), Example)
@@ -50,11 +52,12 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                                            await make_shared_provider(bus, spec.teacher, spec.task,
                                                                       make=make_provider))
         try:
-            result = await synthesize(train, test, request, spec.synthesis, provider, round=event.round,
-                                      seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,
-                                      near_duplicate_threshold=spec.synthesis.near_duplicate_threshold,
-                                      earlier=earlier, holdout=holdout,
-                                      should_cancel=bus.cancelled.checker(event.migration_id))
+            with clock.stage("synthesize"):
+                    result = await synthesize(train, test, request, spec.synthesis, provider, round=event.round,
+                                          seed=spec.dataset.seed, system_prompt=spec.task.system_prompt,
+                                          near_duplicate_threshold=spec.synthesis.near_duplicate_threshold,
+                                          earlier=earlier, holdout=holdout,
+                                          should_cancel=bus.cancelled.checker(event.migration_id))
         finally:
             await provider.aclose()
         exhausted = isinstance(provider, BudgetedProvider) and provider.exhausted
@@ -64,6 +67,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         await bus.emit(event.follow(Subject.SYNTH_READY, SynthReady(
             dataset=dataset, generated=result.generated, kept=result.kept, removed=result.removed,
             seed_ids=result.seed_ids, usage=result.usage, provider=provider.name, budget_exhausted=exhausted,
+            work=clock.work(),
         ), key="ready"))
 
 

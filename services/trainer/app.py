@@ -20,6 +20,8 @@ from llamaduo.contracts.events import Subject, TrainDone, TrainProgress, TrainRe
 from llamaduo.data.examples import Example
 from llamaduo.errors import SpecError
 from llamaduo.models.resolve import ModelResolutionError
+from llamaduo.runtime.preload import preload
+from llamaduo.runtime.work_clock import WorkClock
 from llamaduo.services.trainer.checkpoints import forget_checkpoints
 from llamaduo.services.trainer.domain import TrainingStopped
 from llamaduo.services.trainer.rounds import export_merged_round, train_round
@@ -33,10 +35,12 @@ PROGRESS_EVERY_S = 2.0
 def register(bus: Bus, store: ArtifactStore) -> None:
     """Subscribe the trainer service's consumer on ``bus``."""
     specs = SpecCache(store)
+    preload("peft", "trl.trainer.sft_trainer", "datasets")  # the first round does not wait for the imports
 
     @bus.consumer(Subject.TRAIN_REQUEST, "trainer", TRAINING)
     async def on_train_request(event: TrainRequestEvent) -> None:
         """Train the student on the listed datasets and publish the adapter."""
+        clock = WorkClock()
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         rows: list[Example] = []
         for ref in event.payload.datasets:
@@ -54,9 +58,10 @@ def register(bus: Bus, store: ArtifactStore) -> None:
             asyncio.run_coroutine_threadsafe(bus.emit(event.follow(Subject.TRAIN_PROGRESS, info)), loop)
 
         try:
-            result, adapter = await asyncio.to_thread(
-                train_round, store, spec, rows, event.migration_id, event.round, work, progress=progress,
-                should_stop=bus.stopping.is_set, should_cancel=bus.cancelled.checker(event.migration_id))
+            with clock.stage("train"):  # the model load inside is timed as "load", the upload as "other"
+                result, adapter = await asyncio.to_thread(
+                        train_round, store, spec, rows, event.migration_id, event.round, work, progress=progress,
+                    should_stop=bus.stopping.is_set, should_cancel=bus.cancelled.checker(event.migration_id))
         except MigrationCancelled:  # nothing of a cancelled migration is kept: it is never resumed
             await asyncio.to_thread(forget_checkpoints, store, checkpoint_prefix(event.migration_id, event.round))
             shutil.rmtree(work, ignore_errors=True)
@@ -70,7 +75,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         merged = await asyncio.to_thread(export_merged_round, store, spec, event.migration_id, event.round, work)
         await bus.emit(event.follow(Subject.TRAIN_DONE, TrainDone(
             adapter=adapter, rows=result.rows, rows_too_long=result.rows_too_long, train_loss=result.train_loss,
-            seconds=result.seconds, merged=merged,
+            seconds=result.seconds, merged=merged, work=clock.work(),
         ), key="done"))
         await asyncio.to_thread(forget_checkpoints, store, checkpoint_prefix(event.migration_id, event.round))
         shutil.rmtree(work, ignore_errors=True)

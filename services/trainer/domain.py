@@ -36,6 +36,7 @@ from llamaduo.models.loading import (
     write_student_meta,
 )
 from llamaduo.models.resolve import resolve_base_model
+from llamaduo.runtime.work_clock import work_stage
 from llamaduo.services.trainer.callbacks import (
     checkpoint_callback,
     last_checkpoint,
@@ -325,20 +326,21 @@ def train(
             rows_too_long=len(fit.too_long))
     with tempfile.TemporaryDirectory(prefix="llamaduo-train-") as scratch:
         work_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(scratch)
-        trainer, tokenizer, meta = build_trainer(
-            student,
-            examples,
-            system_prompt,
-            work_dir,
-            base_model_path=base_model_path,
-            checkpoint_every_s=checkpoint_every_s if checkpoint_dir is not None else None,
-            callbacks=[
-                progress_callback(progress, losses),
-                *([save_hook(on_checkpoint)] if on_checkpoint is not None and checkpoint_dir is not None else []),
-                stop_callback(should_stop or (lambda: False), should_cancel or (lambda: False)),
-            ],
-            fit=fit,
-        )
+        with work_stage("load"):
+            trainer, tokenizer, meta = build_trainer(
+                student,
+                examples,
+                system_prompt,
+                work_dir,
+                base_model_path=base_model_path,
+                checkpoint_every_s=checkpoint_every_s if checkpoint_dir is not None else None,
+                callbacks=[
+                    progress_callback(progress, losses),
+                    *([save_hook(on_checkpoint)] if on_checkpoint is not None and checkpoint_dir is not None else []),
+                    stop_callback(should_stop or (lambda: False), should_cancel or (lambda: False)),
+                ],
+                fit=fit,
+            )
         resume = last_checkpoint(checkpoint_dir)
         if resume:
             log.info("resuming training from %s", Path(resume).name)

@@ -12,6 +12,7 @@ from llamaduo.bus.cancellation import MigrationCancelled
 from llamaduo.contracts.events import ArtifactRef
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
+from llamaduo.runtime.work_clock import work_stage
 from llamaduo.services.trainer.checkpoints import CheckpointUploader, checkpoint_every_s, restore_checkpoint
 from llamaduo.storage.keys import checkpoint_prefix, round_key
 from llamaduo.storage.store import ArtifactStore
@@ -49,7 +50,8 @@ def train_round(
 
     prefix = checkpoint_prefix(migration_id, round)
     checkpoints = work / "checkpoints"
-    restore_checkpoint(store, prefix, checkpoints)
+    with work_stage("other"):
+        restore_checkpoint(store, prefix, checkpoints)
     out_dir = work / "adapter"
     shutil.rmtree(out_dir, ignore_errors=True)
     uploader = CheckpointUploader(store, prefix, work / "checkpoint-staging")
@@ -70,7 +72,8 @@ def train_round(
         raise
     uploader.close(flush=False)
     # write once: a redelivered round never replaces an adapter a published train.done names
-    adapter = store.put_dir(round_key(migration_id, round, "adapter"), out_dir, once=True)
+    with work_stage("other"):
+        adapter = store.put_dir(round_key(migration_id, round, "adapter"), out_dir, once=True)
     return result, adapter
 
 

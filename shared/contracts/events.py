@@ -157,6 +157,7 @@ class TrainDone(BaseModel):
     )
     train_loss: float | None = None
     seconds: float = 0.0
+    work: WorkTime | None = Field(default=None, description="The trainer's work on this round (load, train, other)")
     merged: ArtifactRef | None = Field(
         default=None,
         description="Folder holding the LoRA adapter merged into its base model (a standalone model), when the "
@@ -209,6 +210,24 @@ class InferShard(BaseModel):
     batches: int = Field(description="Number of judge batches in the whole round")
 
 
+class WorkTime(BaseModel):
+    """Seconds a service worked on what an event reports, by stage, just before publishing it (the work ended
+    at the envelope's ``occurred_at``). The stage split of a migration (:mod:`llamaduo.reporting.timeline`) is
+    read from these: wall time covered by no event's work is time spent on the bus or idle."""
+
+    load: float = Field(default=0.0, ge=0, description="Loading a model (and what it needs) into the process")
+    train: float = Field(default=0.0, ge=0, description="Training steps and saving the student")
+    generate: float = Field(default=0.0, ge=0, description="Generating the student's answers")
+    judge: float = Field(default=0.0, ge=0, description="Judging answers (service LLM calls or checks)")
+    synthesize: float = Field(default=0.0, ge=0, description="Teacher calls and filtering of synthetic rows")
+    other: float = Field(default=0.0, ge=0, description="The rest of the handler: artifact store reads and "
+                         "writes, bookkeeping")
+
+    @property
+    def total(self) -> float:
+        return self.load + self.train + self.generate + self.judge + self.synthesize + self.other
+
+
 class JudgeItem(BaseModel):
     item_id: str = Field(description="Test item id")
     sample: int = Field(default=0, description="Which of the K samples for this prompt")
@@ -225,6 +244,10 @@ class JudgeRequest(BaseModel):
         default="eval", description="'holdout' or 'baseline': judged in full (never skipped by a closed round), "
         "scores stored apart (round-N/<split>/scores/); a holdout never decides anything, a baseline only whether "
         "the model is promoted")
+    work: WorkTime | None = Field(
+        default=None, description="The inference worker's work on the answers of this batch's shard (model load "
+        "included when it was loaded for them); on the first batch of each shard only, so the sums over a round "
+        "are the round's")
 
 
 class Score(BaseModel):
@@ -274,6 +297,7 @@ class EvalScored(BaseModel):
         default=None, description="The batch's scores as stored in S3 (round-N/scores/batch-XXXXX.jsonl)"
     )
     split: Split = Field(default="eval", description="The judge.request's split, echoed")
+    work: WorkTime | None = Field(default=None, description="The judge's work on this batch")
 
 
 class SynthRequest(BaseModel):
@@ -302,6 +326,7 @@ class SynthReady(BaseModel):
     budget_exhausted: bool = Field(
         default=False, description="Calls were not made because they would have exceeded the budget"
     )
+    work: WorkTime | None = Field(default=None, description="The synthesizer's work on this round")
 
 
 class RoundSummary(BaseModel):
