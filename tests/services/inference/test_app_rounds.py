@@ -55,21 +55,26 @@ def shard(adapter: ArtifactRef, ids: list[str]) -> InferShard:
                       shard_batches=-(-len(ids) // 4), batches=-(-len(ids) // 4))
 
 
-async def test_a_shard_of_a_closed_round_is_not_answered(settings: Any, store: Any) -> None:
+async def test_a_shard_of_a_closed_round_is_not_answered(settings: Any, store: Any, student_dir: Path) -> None:
     mid = "m-closed-shard"
     store.put_json(spec_key(mid), SPEC.model_dump(mode="json"))
     store.put_jsonl(data_key(mid, "test"), TEST)
-    store.put_json(judging_closed_key(mid, 0), {"round": 0})  # the controller closed round 0 early
+    adapter = store.put_dir(round_key(mid, 0, "adapter"), student_dir)
     bus = Bus(settings, "inference")
     register(bus, store)
-    adapter = ArtifactRef(key=round_key(mid, 0, "adapter"), sha256="0" * 64)  # never loaded
-    event = start_envelope(mid, {}).follow(Subject.INFER_SHARD, shard(adapter, [e.id for e in TEST]), key="s")
+    start = start_envelope(mid, {})
+    ids = [e.id for e in TEST]
+    answered = start.follow(Subject.INFER_SHARD, shard(adapter, ids[:6]), key="open")
+    skipped = start.follow(Subject.INFER_SHARD, shard(adapter, ids[6:]).model_copy(update={"shard": 1}), key="closed")
     async with TestNatsBroker(bus.broker) as broker:
-        await broker.publish(event.to_bytes(), settings.subject(Subject.INFER_SHARD))
+        await broker.publish(answered.to_bytes(), settings.subject(Subject.INFER_SHARD))
+        store.put_json(judging_closed_key(mid, 0), {"round": 0})  # then the controller closes round 0 early
+        await broker.publish(skipped.to_bytes(), settings.subject(Subject.INFER_SHARD))
         mock = bus.publisher(Subject.JUDGE_REQUEST).mock
         assert mock is not None
-        assert mock.call_count == 0
-    assert not store.exists(shard_key(mid, 0, 0))
+        requests = [parse_event(call.args[0]) for call in mock.call_args_list]
+    assert {i.item_id for r in requests for i in r.payload.items} == set(ids[:6])  # only the open one's answers
+    assert store.exists(shard_key(mid, 0, 0)) and not store.exists(shard_key(mid, 0, 1))
 
 
 async def test_the_holdout_is_answered_by_the_student_held_for_the_round(
