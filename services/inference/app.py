@@ -49,9 +49,11 @@ from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
 from llamaduo.runtime.preload import preload
 from llamaduo.runtime.work_clock import WorkClock, work_stage
+from llamaduo.services.inference.domain import every
 from llamaduo.services.inference.serve_after import Servers, serve_completed
 from llamaduo.services.inference.shards import (
     Answerer,
+    ShardAbandoned,
     answer_shard,
     join_if_complete,
     lazy_answerer,
@@ -151,7 +153,8 @@ def register(bus: Bus, store: ArtifactStore) -> None:
                     with work_stage("load"):
                         store.get_ref_dir(mid, adapter, model_dir)
                         generator = load_generator(spec.student, model_dir)
-                    return lambda prompts: generator.generate(prompts, spec.task.system_prompt)
+                    return lambda prompts, should_stop=None: generator.generate(
+                        prompts, spec.task.system_prompt, should_stop=should_stop)
 
                 answerers[key] = lazy_answerer(load)
             return answerers[key]
@@ -178,11 +181,19 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         chunk = [by_id[i] for i in p.prompt_ids]
         k = spec.student.inference.samples_per_prompt
         started = time.monotonic()
-        with clock.stage("generate"):  # the model load inside (first shard of the round here) is timed as "load"
-            items, generated = await asyncio.to_thread(
-                answer_shard, store, chunk, event.migration_id, event.round, p.shard,
-                round_answerer(spec, event.migration_id, event.round, p.adapter), k,
-                should_stop=bus.stopping.is_set, should_cancel=bus.cancelled.checker(event.migration_id))
+        # judging may close while this shard is answered (the scores of earlier shards decide): asked each second
+        closed = every(1.0, lambda: rounds.closed(event.migration_id, event.round))
+        try:
+            with clock.stage("generate"):  # the model load inside (first shard of the round here) is "load"
+                items, generated = await asyncio.to_thread(
+                    answer_shard, store, chunk, event.migration_id, event.round, p.shard,
+                    round_answerer(spec, event.migration_id, event.round, p.adapter), k,
+                    should_stop=bus.stopping.is_set, should_cancel=bus.cancelled.checker(event.migration_id),
+                    abandon=closed)
+        except ShardAbandoned as abandoned:
+            log.info("shard abandoned", extra={"migration_id": event.migration_id, "round": event.round,
+                                               "shard": p.shard, "detail": str(abandoned)})
+            return
         log.info("shard answered", extra={"migration_id": event.migration_id, "round": event.round,
                                           "shard": p.shard, "shards": p.shards, "generated": generated,
                                           "producer": PRODUCER, "seconds": round(time.monotonic() - started, 3)})

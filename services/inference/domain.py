@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -28,13 +29,34 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 class Generator(Protocol):
     """A loaded student answering prompts, whatever engine runs it."""
 
-    def generate(self, prompts: list[str], system_prompt: str = "") -> list[list[str]]:
-        """K = ``samples_per_prompt`` stripped answers per prompt, in the prompts' order."""
+    def generate(self, prompts: list[str], system_prompt: str = "", *,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[str]]:
+        """K = ``samples_per_prompt`` stripped answers per prompt, in the prompts' order. When ``should_stop()``
+        turns true, generation ends early and :class:`GenerationStopped` is raised (no partial answers)."""
         ...
 
 
 class BackendUnavailableError(ModelError):
     """The spec asks for an inference backend this machine cannot run."""
+
+
+class GenerationStopped(Exception):
+    """Generation ended early because the caller's ``should_stop()`` turned true; its answers are not given."""
+
+
+def every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:
+    """``check``, asked at most once per ``seconds`` (the last answer in between); true stays true."""
+    import time
+
+    last = [float("-inf"), False]
+
+    def throttled() -> bool:
+        now = time.monotonic()
+        if not last[1] and now - float(last[0]) >= seconds:
+            last[0], last[1] = now, check()
+        return bool(last[1])
+
+    return throttled
 
 
 def vllm_unavailable_reason() -> str | None:
@@ -101,17 +123,22 @@ class StudentGenerator:
     def _stop_ids(self) -> list[int]:
         return stop_token_ids(self.tokenizer)
 
-    def _generate_batch(self, texts: list[str], sample: bool) -> list[list[int]]:
+    def _generate_batch(self, texts: list[str], sample: bool,
+                        should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
         """New token ids for each text, cut at the first stop token."""
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         stop = self._stop_ids()
         rows = generate_new_tokens(
             self.model, enc, max_new_tokens=self.inference.max_new_tokens, stop_ids=stop,
             pad_token_id=self.tokenizer.pad_token_id, temperature=self.inference.temperature if sample else 0.0,
+            should_stop=(lambda _ids: should_stop()) if should_stop is not None else None,
         )  # fmt: skip
+        if should_stop is not None and should_stop():
+            raise GenerationStopped("generation stopped early: should_stop() turned true")
         return [cut_at_stop(row, stop)[0] for row in rows]
 
-    def generate_tokens(self, prompts: list[str], system_prompt: str = "") -> list[list[list[int]]]:
+    def generate_tokens(self, prompts: list[str], system_prompt: str = "", *,
+                        should_stop: Callable[[], bool] | None = None) -> list[list[list[int]]]:
         """Like :meth:`generate`, as token ids (new tokens only, up to the first stop token)."""
         import torch
 
@@ -130,21 +157,24 @@ class StudentGenerator:
         flat: list[list[int]] = [[] for _ in jobs]
         for start in range(0, len(jobs), size):
             batch = order[start : start + size]
-            for i, ids in zip(batch, self._generate_batch([jobs[i] for i in batch], sample), strict=True):
+            answers = self._generate_batch([jobs[i] for i in batch], sample, should_stop)
+            for i, ids in zip(batch, answers, strict=True):
                 flat[i] = ids
         if sample:
             return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
         return [[ids] * k for ids in flat]
 
-    def generate(self, prompts: list[str], system_prompt: str = "") -> list[list[str]]:
+    def generate(self, prompts: list[str], system_prompt: str = "", *,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[str]]:
         """K = ``samples_per_prompt`` answers per prompt, stripped (greedy at temperature 0, else seeded sampling).
 
         Prompts are chat-formatted with the student's template, left-padded and generated in batches of
-        ``inference.batch_size`` sequences.
+        ``inference.batch_size`` sequences. ``should_stop``: asked after every new token (throttle it, see
+        :func:`every`); when true the batch ends and :class:`GenerationStopped` is raised.
         """
         return [
             [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in samples]
-            for samples in self.generate_tokens(prompts, system_prompt)
+            for samples in self.generate_tokens(prompts, system_prompt, should_stop=should_stop)
         ]
 
 
@@ -190,9 +220,14 @@ class VLLMGenerator:
             llm = LLM(model=str(model_dir), seed=seed)
         return cls(llm, load_tokenizer(model_dir), student.inference, seed=seed, lora_request=lora_request)
 
-    def generate(self, prompts: list[str], system_prompt: str = "") -> list[list[str]]:
-        """K = ``samples_per_prompt`` answers per prompt, stripped (see the class docstring)."""
+    def generate(self, prompts: list[str], system_prompt: str = "", *,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[str]]:
+        """K = ``samples_per_prompt`` answers per prompt, stripped (see the class docstring). ``should_stop`` is
+        asked before the engine runs (vLLM answers a shard in seconds) and after."""
         from vllm import SamplingParams
+
+        if should_stop is not None and should_stop():
+            raise GenerationStopped("generation not started: should_stop() is true")
 
         k = self.inference.samples_per_prompt
         sample = self.inference.temperature > 0
@@ -203,6 +238,8 @@ class VLLMGenerator:
         )  # fmt: skip
         requests = [{"prompt_token_ids": chat_prompt_ids(self.tokenizer, p, system_prompt)} for p in prompts]
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
+        if should_stop is not None and should_stop():
+            raise GenerationStopped("generation stopped: should_stop() turned true")
         answers = [[c.text.strip() for c in out.outputs] for out in outputs]
         return answers if sample else [a * k for a in answers]
 

@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from llamaduo.bus.broker import WorkReturned
 from llamaduo.bus.cancellation import MigrationCancelled
@@ -24,8 +25,15 @@ from llamaduo.storage.store import ArtifactStore
 #: Test prompts per predictions shard (each shard holds K answers per prompt).
 PROMPTS_PER_SHARD = 32
 
-#: ``answer(prompts)`` -> K answers per prompt (a loaded :class:`StudentGenerator`'s ``generate``).
-Answerer = Callable[[list[str]], list[list[str]]]
+class Answerer(Protocol):
+    """``answer(prompts)`` -> K answers per prompt (a loaded student's ``generate``); when ``should_stop()`` turns
+    true it stops early and raises :class:`~llamaduo.services.inference.domain.GenerationStopped`."""
+
+    def __call__(self, prompts: list[str], should_stop: Callable[[], bool] | None = None) -> list[list[str]]: ...
+
+
+class ShardAbandoned(Exception):
+    """The round's judging closed (early stopping) before the shard was answered: nothing stored or published."""
 
 
 def _stored_shard(store: ArtifactStore, key: str, expected_ids: list[str]) -> list[JudgeItem] | None:
@@ -73,12 +81,17 @@ def predict_in_shards(
 def answer_shard(
     store: ArtifactStore, chunk: list[Example], migration_id: str, round: int, index: int, answer: Answerer,
     samples_per_prompt: int, *, should_stop: Callable[[], bool] | None = None, split: str = "eval",
-    should_cancel: Callable[[], bool] | None = None,
+    should_cancel: Callable[[], bool] | None = None, abandon: Callable[[], bool] | None = None,
 ) -> tuple[list[JudgeItem], bool]:
     """Shard ``index`` of a round (the prompts ``chunk``): the stored one when it holds these prompts' answers,
     else answered now and stored. Returns ``(items, generated now)``; stops and cancels as
-    :func:`predict_in_shards` says."""
+    :func:`predict_in_shards` says, and a cancel during generation ends it at once too. ``abandon`` (the round's
+    judging closed): asked before and during generation; when true, :class:`ShardAbandoned` is raised and the
+    shard is not stored."""
+    from llamaduo.services.inference.domain import GenerationStopped
+
     cancelled = should_cancel or (lambda: False)
+    dropped = abandon or (lambda: False)
     key = shard_key(migration_id, round, index, split)
     stored = _stored_shard(store, key, [e.id for e in chunk for _ in range(samples_per_prompt)])
     if stored is not None:
@@ -87,7 +100,14 @@ def answer_shard(
         raise MigrationCancelled(f"answering stopped before shard {index}: the migration was cancelled")
     if should_stop is not None and should_stop():
         raise WorkReturned(f"stopped before shard {index}")
-    answers = answer([e.instruction for e in chunk])
+    if dropped():
+        raise ShardAbandoned(f"shard {index} not answered: the round's judging is closed")
+    try:
+        answers = answer([e.instruction for e in chunk], should_stop=lambda: cancelled() or dropped())
+    except GenerationStopped:
+        if cancelled():
+            raise MigrationCancelled(f"answering stopped in shard {index}: the migration was cancelled") from None
+        raise ShardAbandoned(f"shard {index} abandoned while answering: the round's judging closed") from None
     if cancelled():
         raise MigrationCancelled(f"shard {index} answered, not stored: the migration was cancelled")
     items = [JudgeItem(item_id=e.id, sample=k, instruction=e.instruction, reference=e.response, candidate=text)
@@ -141,10 +161,10 @@ def lazy_answerer(load: Callable[[], Answerer]) -> Answerer:
     """An :data:`Answerer` that calls ``load()`` (download and load the student) on its first use only."""
     loaded: list[Answerer] = []
 
-    def answer(prompts: list[str]) -> list[list[str]]:
+    def answer(prompts: list[str], should_stop: Callable[[], bool] | None = None) -> list[list[str]]:
         if not loaded:
             loaded.append(load())
-        return loaded[0](prompts)
+        return loaded[0](prompts, should_stop)
 
     return answer
 
@@ -174,7 +194,8 @@ def predict_round(
             else:
                 store.get_dir(adapter, model_dir, migration_id=migration_id)
             generator = load_generator(spec.student, model_dir)
-        return lambda prompts: generator.generate(prompts, spec.task.system_prompt)
+        return lambda prompts, should_stop=None: generator.generate(prompts, spec.task.system_prompt,
+                                                                     should_stop=should_stop)
 
     k = spec.student.inference.samples_per_prompt
     items, _ = predict_in_shards(store, test, migration_id, round, answer or lazy_answerer(load), k,

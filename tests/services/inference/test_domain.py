@@ -14,8 +14,10 @@ from llamaduo.data.examples import Example
 from llamaduo.services.inference import domain
 from llamaduo.services.inference.domain import (
     BackendUnavailableError,
+    GenerationStopped,
     StudentGenerator,
     choose_backend,
+    every,
     generate_answers,
     load_generator,
 )
@@ -112,3 +114,30 @@ def test_this_machine_runs_transformers(full_dir: Path) -> None:
     assert generator.generate(PROMPTS[:2], SYSTEM) == generate_answers(spec(), full_dir, PROMPTS[:2], SYSTEM)
     with pytest.raises(BackendUnavailableError, match=r"student\.inference\.backend is 'vllm'"):
         load_generator(spec(backend="vllm"), full_dir)
+
+
+def test_generation_ends_early_when_should_stop_turns_true(full_dir: Path) -> None:
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    generator = StudentGenerator.load(spec(batch_size=16), full_dir)
+    with pytest.raises(GenerationStopped):
+        generator.generate(PROMPTS, SYSTEM, should_stop=stop)
+    assert len(asked) == 3  # asked after the first and second new tokens (true), then once more: stopped
+
+
+def test_every_asks_at_most_once_a_period_and_true_stays_true() -> None:
+    answers = iter([False, True])
+    calls: list[int] = []
+
+    def check() -> bool:
+        calls.append(1)
+        return next(answers)
+
+    throttled = every(3600, check)
+    assert [throttled() for _ in range(50)] == [False] * 50 and len(calls) == 1
+    fast = every(0, check)
+    assert fast() is True and fast() is True and len(calls) == 2

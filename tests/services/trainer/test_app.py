@@ -130,7 +130,7 @@ def test_inference_reuses_stored_shards(store, tmp_path: Path) -> None:  # type:
     assert [JudgeItem.model_validate(r) for r in store.iter_jsonl(ref.key)] == items
 
     # redelivered once more: every shard is there, nothing is generated and no model is loaded
-    def no_model(prompts: list[str]) -> list[list[str]]:
+    def no_model(prompts: list[str], should_stop: object = None) -> list[list[str]]:
         raise AssertionError("a stored shard was regenerated")
 
     again, generated = predict_in_shards(store, TEST, migration, 0, no_model, 2, shard_size=2)
@@ -141,7 +141,7 @@ def test_inference_stop_request_keeps_the_stored_shards(store, tmp_path: Path) -
     migration = mid()
     calls: list[list[str]] = []
 
-    def answer(prompts: list[str]) -> list[list[str]]:
+    def answer(prompts: list[str], should_stop: object = None) -> list[list[str]]:
         calls.append(prompts)
         return [[f"answer to {p}"] for p in prompts]
 

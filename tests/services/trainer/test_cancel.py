@@ -35,7 +35,7 @@ def test_inference_stops_before_the_next_shard_and_stores_nothing_more(store) ->
     calls: list[list[str]] = []
     cancelled: list[bool] = []
 
-    def answer(prompts: list[str]) -> list[list[str]]:
+    def answer(prompts: list[str], should_stop: object = None) -> list[list[str]]:
         calls.append(prompts)
         if len(calls) == 2:
             cancelled.append(True)  # the cancel lands while shard 1 is being answered
