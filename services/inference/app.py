@@ -47,7 +47,6 @@ from llamaduo.contracts.events import (
 )
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
-from llamaduo.runtime.preload import preload
 from llamaduo.runtime.work_clock import WorkClock, work_stage
 from llamaduo.services.inference.domain import every
 from llamaduo.services.inference.serve_after import Servers, serve_completed
@@ -76,7 +75,6 @@ SERVING = Delivery(max_deliver=2, ack_wait=60.0, backoff=(10.0,))
 def register(bus: Bus, store: ArtifactStore) -> None:
     """Subscribe the inference service's consumers on ``bus``."""
     specs = SpecCache(store)
-    preload("peft", "transformers.generation")  # the first round does not wait for the imports
     servers: Servers = {}
 
     @bus.consumer(Subject.MIGRATION_COMPLETED, "inference-serve", SERVING)

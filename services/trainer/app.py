@@ -20,7 +20,6 @@ from llamaduo.contracts.events import Subject, TrainDone, TrainProgress, TrainRe
 from llamaduo.data.examples import Example
 from llamaduo.errors import SpecError
 from llamaduo.models.resolve import ModelResolutionError
-from llamaduo.runtime.preload import preload
 from llamaduo.runtime.work_clock import WorkClock
 from llamaduo.services.trainer.checkpoints import forget_checkpoints
 from llamaduo.services.trainer.domain import TrainingStopped
@@ -35,7 +34,6 @@ PROGRESS_EVERY_S = 2.0
 def register(bus: Bus, store: ArtifactStore) -> None:
     """Subscribe the trainer service's consumer on ``bus``."""
     specs = SpecCache(store)
-    preload("peft", "trl.trainer.sft_trainer", "datasets")  # the first round does not wait for the imports
 
     @bus.consumer(Subject.TRAIN_REQUEST, "trainer", TRAINING)
     async def on_train_request(event: TrainRequestEvent) -> None:

@@ -24,6 +24,17 @@ def test_registrar_finds_each_service_by_entry_point() -> None:
         assert register.__module__ == f"llamaduo.services.{name}.app"
 
 
+def test_preloaded_libraries_exist_and_a_missing_one_is_only_logged(caplog: pytest.LogCaptureFixture) -> None:
+    import importlib.util
+
+    for name, modules in service.PRELOAD.items():
+        assert name in SERVICES
+        assert all(importlib.util.find_spec(m) is not None for m in modules), modules
+    with caplog.at_level("WARNING", logger="llamaduo.runtime.service"):
+        service.import_modules(("json", "llamaduo_no_such_module"))
+    assert [r.library for r in caplog.records if r.msg == "preload failed"] == ["llamaduo_no_such_module"]
+
+
 def test_unknown_service_names_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown service 'judges'; choose one of controller, trainer, inference"):
         registrar("judges")
