@@ -201,3 +201,8 @@ def test_cli_migrate_embedded_json(tmp_path: Path, triage_data: Path) -> None:
     assert summary["rounds"][0]["decision"] == "continue" and summary["rounds"][-1]["decision"] == "pass"
     assert summary["rounds"][-1]["training_rows"] > summary["rounds"][0]["training_rows"]
     assert "[round 0] training" in proc.stderr
+    # where the wall time went, from the work every service reported on its events
+    stages = summary["stages"]
+    assert all(stages["busy_seconds"][s] > 0 for s in ("load", "train", "generate", "judge", "synthesize")), stages
+    assert sum(stages["seconds"].values()) == pytest.approx(stages["wall_seconds"], rel=1e-3)
+    assert "wall time by stage: " in proc.stderr and "bus/idle" in proc.stderr
