@@ -5,8 +5,21 @@ from __future__ import annotations
 
 import random
 
+from llamaduo.contracts.events import Score
+from llamaduo.contracts.spec import JudgeSpec
 from llamaduo.data.examples import Example
 from llamaduo.data.text import tokenize
+
+
+def falls_short(score: Score, judge: JudgeSpec) -> bool:
+    """Whether an answer holds its round below the gate, so the targeted strategy aims at it: its judgement
+    failed, or its score on the gated field is under the bar one answer must clear (the threshold for a mean
+    gate, e.g. similarity < 90 for ``similarity_mean >= 90``; the cut for a coverage, e.g. < 70 for
+    ``coverage_70``). An answer at 83 (one field of six wrong) counts: it is what keeps a mean of 90 away."""
+    field = "precision" if judge.gate.startswith("precision") else "similarity"
+    bar = float(judge.gate.rsplit("_", 1)[1]) if "coverage" in judge.gate else judge.threshold
+    value = getattr(score, field)
+    return score.failed or value is None or value < bar
 
 
 def _word_set(text: str) -> set[str]:

@@ -306,7 +306,7 @@ class SynthRequest(BaseModel):
     scores_round: int | None = Field(
         default=None,
         description="Round whose judged batches (S3 objects round-N/scores/batch-XXXXX.jsonl) name the test items "
-        "the student failed, for the targeted strategy; the synthesizer reads them (the event stays small)",
+        "that fell short of the gate, for the targeted strategy; the synthesizer reads them (the event stays small)",
     )
     failed_item_ids: list[str] = Field(
         default_factory=list,

@@ -11,11 +11,11 @@ from faststream.nats import TestNatsBroker
 
 from llamaduo.bus.broker import Bus
 from llamaduo.contracts.events import Score, Subject, SynthRequest, parse_event, start_envelope
-from llamaduo.contracts.spec import SynthesisSpec, TaskSpec, parse_spec
+from llamaduo.contracts.spec import JudgeSpec, SynthesisSpec, TaskSpec, parse_spec
 from llamaduo.data.examples import Example
 from llamaduo.services.synthesizer import domain
 from llamaduo.services.synthesizer.app import register as register_synth
-from llamaduo.services.synthesizer.seeds import SeedPool
+from llamaduo.services.synthesizer.seeds import SeedPool, falls_short
 from llamaduo.storage.keys import batch_scores_key, batch_scores_prefix, data_key, spec_key
 from llamaduo.tasks.invoice import make_dataset, oracle
 
@@ -71,7 +71,9 @@ async def test_adapter_targets_eval_failures_only_and_never_reads_holdout_scores
     store.put_jsonl(data_key(mid, "test"), EVAL)
     store.put_jsonl(data_key(mid, "holdout"), HOLDOUT)
     store.put_jsonl(batch_scores_key(mid, 0, 0), [Score(item_id=EVAL[1].id, similarity=10, precision=10),
-                                                  Score(item_id=EVAL[2].id, similarity=90, precision=90)])
+                                                  Score(item_id=EVAL[2].id, similarity=90, precision=90),
+                                                  Score(item_id=EVAL[3].id, similarity=85, precision=85),
+                                                  Score(item_id=EVAL[4].id, failed=True)])
     store.put_jsonl(batch_scores_key(mid, 0, 0, "holdout"), [Score(item_id=e.id, similarity=1, precision=1)
                                                              for e in HOLDOUT])
     assert not batch_scores_key(mid, 0, 0, "holdout").startswith(batch_scores_prefix(mid, 0))
@@ -92,7 +94,23 @@ async def test_adapter_targets_eval_failures_only_and_never_reads_holdout_scores
         mock = bus.publisher(Subject.SYNTH_READY).mock
         assert mock is not None
         [ready] = [parse_event(call.args[0]) for call in mock.call_args_list]
-    assert targets_seen == [EVAL[1].id]  # the failed eval item; no holdout item, though all of them "failed"
+    # the eval items below the gate's bar (similarity_mean >= 90: 10, 85 and a failed judgement, not 90); no
+    # holdout item, though all of them "failed"
+    assert targets_seen == sorted([EVAL[1].id, EVAL[3].id, EVAL[4].id])
     assert data_key(mid, "holdout") in read  # read for decontamination only
     assert not [k for k in read if "/holdout/" in k]  # holdout scores and predictions never read
     assert ready.payload.kept > 0
+
+
+@pytest.mark.parametrize(("gate", "threshold", "score", "short"), [
+    ("similarity_mean", 90, Score(item_id="a", similarity=89, precision=100), True),
+    ("similarity_mean", 90, Score(item_id="a", similarity=90, precision=1), False),
+    ("precision_mean", 80, Score(item_id="a", similarity=100, precision=79), True),
+    ("coverage_70", 95, Score(item_id="a", similarity=70, precision=1), False),  # a coverage's bar is its cut
+    ("coverage_70", 95, Score(item_id="a", similarity=69, precision=100), True),
+    ("precision_coverage_50", 60, Score(item_id="a", similarity=1, precision=50), False),
+    ("similarity_mean", 90, Score(item_id="a", failed=True), True),
+])
+def test_an_answer_falls_short_of_the_bar_one_answer_must_clear(gate: str, threshold: float, score: Score,
+                                                                short: bool) -> None:
+    assert falls_short(score, JudgeSpec(gate=gate, threshold=threshold)) is short  # type: ignore[arg-type]
