@@ -13,18 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from llamaduo.contracts.routes import validate_route_name
-from llamaduo.contracts.spec import ProviderSpec
+from llamaduo.contracts.spec import ProviderSpec, StrictModel
 from llamaduo.errors import SpecError
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LocalConfig(_Strict):
+class LocalConfig(StrictModel):
     """The local model server of a route (``llamaduo serve`` or vLLM's OpenAI-compatible server)."""
 
     base_url: str = Field(description="Its OpenAI API address, e.g. http://127.0.0.1:8000/v1")
@@ -52,7 +48,7 @@ class LocalConfig(_Strict):
         return self
 
 
-class ValidatorConfig(_Strict):
+class ValidatorConfig(StrictModel):
     """How a local answer is checked before a client sees it (a failure falls back with reason 'invalid')."""
 
     json_schema: dict[str, Any] | None = Field(default=None, description="The answer must be JSON valid "
@@ -67,11 +63,11 @@ class ValidatorConfig(_Strict):
         return self
 
 
-class RemigrateConfig(_Strict):
+class RemigrateConfig(StrictModel):
     spec: str = Field(description="Path of a migration spec template run when the shadow score degrades")
 
 
-class ShadowConfig(_Strict):
+class ShadowConfig(StrictModel):
     """Shadow mode: upstream answers; a sampled share is also asked locally and judged."""
 
     sample_rate: float = Field(default=0.1, ge=0, le=1, description="Share of requests also asked locally")
@@ -83,14 +79,14 @@ class ShadowConfig(_Strict):
     remigrate: RemigrateConfig | None = None
 
 
-class CaptureConfig(_Strict):
+class CaptureConfig(StrictModel):
     """How captured traffic is batched into S3 objects."""
 
     batch_rows: int = Field(default=200, ge=1, description="Rows per JSONL object (written when full)")
     batch_seconds: float = Field(default=60.0, gt=0, description="Oldest row's age that writes a batch anyway")
 
 
-class RouteConfig(_Strict):
+class RouteConfig(StrictModel):
     """One route: the ``model`` name clients send, and what answers it."""
 
     name: str = Field(description="Route name: the `model` a client sends (letters, digits, '.', '_', '-')")
@@ -109,7 +105,7 @@ class RouteConfig(_Strict):
         return validate_route_name(value)
 
 
-class GatewayConfig(_Strict):
+class GatewayConfig(StrictModel):
     """The whole routes file."""
 
     routes: list[RouteConfig] = Field(min_length=1)

@@ -22,11 +22,14 @@ from llamaduo.errors import SpecError
 TRAFFIC_SOURCE_PREFIX = "traffic:"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every spec and config section: unknown fields are refused (a misspelt key is an error, not a
+    default), and a parsed section is immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TaskSpec(_Strict):
+class TaskSpec(StrictModel):
     name: str = Field(min_length=1, description="Short task name, shown in logs and reports")
     system_prompt: str = Field(
         default="", description="System prompt of the task: the student is trained and answers with it, the "
@@ -45,7 +48,7 @@ class TaskSpec(_Strict):
         return value
 
 
-class TrafficSourceSpec(_Strict):
+class TrafficSourceSpec(StrictModel):
     """How a ``traffic:<route>`` source reads the gateway's captured requests (answered by the upstream)."""
 
     since_hours: float = Field(
@@ -57,7 +60,7 @@ class TrafficSourceSpec(_Strict):
     seed: int = Field(default=0, description="Seed of the sample: the same seed and traffic give the same rows")
 
 
-class DatasetSpec(_Strict):
+class DatasetSpec(StrictModel):
     source: str = Field(
         description="Local path (.jsonl/.json/.parquet/.csv), s3://bucket/key, 'package:' resource, hf:org/name, "
         "or traffic:<route> (the gateway's captured requests of a route that the service LLM answered; see "
@@ -109,7 +112,7 @@ class DatasetSpec(_Strict):
         return self
 
 
-class LoraSpec(_Strict):
+class LoraSpec(StrictModel):
     r: int | None = Field(
         default=None, ge=1, description="Adapter rank: larger learns more, with a larger adapter; null = the "
         "paper's schedule by training rows (8 up to 16,000 rows, 16 up to 32,000, 32 above)")
@@ -122,7 +125,7 @@ class LoraSpec(_Strict):
         "module names such as [q_proj, v_proj] (fewer: a smaller adapter, usually a little less accurate)")
 
 
-class TrainingSpec(_Strict):
+class TrainingSpec(StrictModel):
     epochs: float = Field(
         default=2, gt=0, description="Passes over the round's training rows (fractions allowed); training time "
         "grows in proportion")
@@ -171,7 +174,7 @@ class TrainingSpec(_Strict):
         return self
 
 
-class InferenceSpec(_Strict):
+class InferenceSpec(StrictModel):
     samples_per_prompt: int = Field(
         default=1, ge=1, description="K answers per eval prompt, each judged (K > 1 needs temperature above 0)")
     temperature: float = Field(
@@ -189,7 +192,7 @@ class InferenceSpec(_Strict):
     )
 
 
-class StudentSpec(_Strict):
+class StudentSpec(StrictModel):
     base_model: str = Field(
         description="Hugging Face id, local folder, 'smollm2-135m' (offline package) or 'tiny:<preset>'"
     )
@@ -218,7 +221,7 @@ class StudentSpec(_Strict):
         return self
 
 
-class RateLimits(_Strict):
+class RateLimits(StrictModel):
     requests_per_minute: float | None = Field(
         default=None, gt=0, description="Most calls per minute to this provider (your account's limit); null = "
         "no limit")
@@ -235,7 +238,7 @@ MODEL_EXAMPLES = {"openai": "gpt-4o-mini", "gemini": "gemini-2.5-flash",
                   "local": "a base model name like smollm2-135m or an HF id"}
 
 
-class ProviderSpec(_Strict):
+class ProviderSpec(StrictModel):
     provider: Literal["simulated", "openai", "openai-compatible", "gemini", "local"] = Field(
         default="simulated", description="Who answers: 'openai', 'gemini', 'openai-compatible' (any server "
         "speaking the OpenAI API, at base_url), 'local' (a transformers model on this machine) or 'simulated' "
@@ -311,7 +314,7 @@ AggregateName = Literal["similarity_mean", "precision_mean", "coverage_50", "cov
                         "precision_coverage_50", "precision_coverage_70"]
 
 
-class JudgeSpec(_Strict):
+class JudgeSpec(StrictModel):
     method: Literal["llm", "programmatic"] = Field(
         default="llm",
         description="'llm': the judge LLM grades with the paper's rubric; 'programmatic': the checker below "
@@ -377,7 +380,7 @@ class JudgeSpec(_Strict):
         return value
 
 
-class SynthesisSpec(_Strict):
+class SynthesisSpec(StrictModel):
     samples_per_round: int = Field(
         default=64, ge=1, description="New synthetic examples wanted per round (kept after deduplication and "
         "decontamination)")
@@ -424,7 +427,7 @@ class SynthesisSpec(_Strict):
     )
 
 
-class BudgetSpec(_Strict):
+class BudgetSpec(StrictModel):
     max_rounds: int = Field(default=4, ge=1, description="Training rounds including round 0")
     max_service_tokens: int | None = Field(
         default=None, ge=1,
@@ -444,7 +447,7 @@ class BudgetSpec(_Strict):
     )
 
 
-class ServeSpec(_Strict):
+class ServeSpec(StrictModel):
     """Serve the migration's chosen model once it completes (by the inference service, like ``llamaduo serve``)."""
 
     enabled: bool = Field(default=False, description="Serve the chosen model when the migration completes")
@@ -455,7 +458,7 @@ class ServeSpec(_Strict):
     )
 
 
-class PromotionSpec(_Strict):
+class PromotionSpec(StrictModel):
     """Put the migration's model behind a gateway route once it completes (``llamaduo gateway``)."""
 
     route: str = Field(description="The gateway route (the 'model' name clients pass) that gets the model")
@@ -478,7 +481,7 @@ class PromotionSpec(_Strict):
         return validate_route_name(value)
 
 
-class MigrationSpec(_Strict):
+class MigrationSpec(StrictModel):
     """A whole migration. See ``docs/spec.md`` for every field."""
 
     task: TaskSpec = Field(description="What the task is: its name, system prompt and (simulated) oracle")
