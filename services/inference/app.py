@@ -95,8 +95,9 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         split = event.payload.split
         prompts = await asyncio.to_thread(store.read_models, answered_data_key(event.migration_id, split), Example)
         model_dir = bus.settings.work_dir / "inference" / event.migration_id / f"round-{event.round}-{split}"
-        # the student this worker holds for the round's eval answers, when it is that adapter (else loaded)
-        answer = round_answerer(spec, event.migration_id, event.round, event.payload.adapter)
+        # the student this worker already holds for the round's eval answers, when it is that adapter (a holdout
+        # right after its round); else predict_round loads it, leaving the held one alone
+        answer = held_answerer(event.migration_id, event.round, event.payload.adapter)
         with clock.stage("generate"):
             items, _ = await asyncio.to_thread(
                 predict_round, store, spec, prompts, event.migration_id, event.round, event.payload.adapter,
@@ -156,6 +157,10 @@ def register(bus: Bus, store: ArtifactStore) -> None:
 
                 answerers[key] = lazy_answerer(load)
             return answerers[key]
+
+    def held_answerer(mid: str, round: int, adapter: ArtifactRef) -> Answerer | None:
+        with loading:
+            return answerers.get((mid, round, adapter.sha256 or adapter.key))
 
     def test_examples(mid: str) -> dict[str, Example]:
         if mid not in tests:
