@@ -8,9 +8,16 @@ from llamaduo.contracts.state import MigrationState
 from llamaduo.storage.keys import batch_scores_prefix, migration_key
 from llamaduo.storage.store import ArtifactStore
 
+#: Why a round lists no predictions file although ``infer.done`` named one.
+PREDICTIONS_NOT_WRITTEN = ("not written: judging closed early, before every shard was answered (the answered "
+                           "shards stay under the round's predictions/ folder)")
 
-def manifest(state: MigrationState) -> dict[str, Any]:
+
+def manifest(state: MigrationState, unwritten: frozenset[int] = frozenset()) -> dict[str, Any]:
     """Lineage: which datasets trained which adapter, which predictions were judged by whom, with hashes.
+
+    ``unwritten``: rounds whose joined predictions were never written (judging closed early, the remaining shards
+    skipped): their ``predictions`` is None and ``predictions_note`` says why, instead of naming a missing object.
 
     ``best_round`` is the number of the round whose adapter the migration hands over (the best so far while
     it runs, None before a round is scored): :meth:`MigrationState.best_round`, the one rule for it, which the
@@ -30,7 +37,9 @@ def manifest(state: MigrationState) -> dict[str, Any]:
                 "round": r.round,
                 "trained_on": [d.model_dump(mode="json") for d in r.datasets],
                 "adapter": r.adapter.model_dump(mode="json") if r.adapter else None,
-                "predictions": r.predictions.model_dump(mode="json") if r.predictions else None,
+                "predictions": r.predictions.model_dump(mode="json")
+                if r.predictions and r.round not in unwritten else None,
+                **({"predictions_note": PREDICTIONS_NOT_WRITTEN} if r.round in unwritten else {}),
                 "judged_by": r.judge_provider or None,
                 "scores": batch_scores_prefix(state.migration_id, r.round) if r.received_count else None,
                 "summary": r.summary.model_dump(mode="json") if r.summary else None,
@@ -44,8 +53,11 @@ def manifest(state: MigrationState) -> dict[str, Any]:
 
 
 def write_manifest(store: ArtifactStore, state: MigrationState) -> None:
-    """Write the manifest; once the migration is over, also the summary report."""
-    store.put_json(migration_key(state.migration_id, "manifest.json"), manifest(state))
+    """Write the manifest; once the migration is over, also the summary report. A round closed early whose
+    predictions file is not in the store is listed without it (see :func:`manifest`)."""
+    unwritten = frozenset(r.round for r in state.rounds if r.judging_closed and r.predictions is not None
+                          and not store.exists(r.predictions.key))
+    store.put_json(migration_key(state.migration_id, "manifest.json"), manifest(state, unwritten))
     if state.done:
         best = state.best_round()
         store.put_json(migration_key(state.migration_id, "report.json"), {

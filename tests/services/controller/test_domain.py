@@ -166,3 +166,23 @@ def test_the_chosen_rounds_merged_model_is_kept_and_listed():
     assert kinds(out) == [Subject.MIGRATION_COMPLETED] and state.done
     assert manifest(state)["merged_model"] == ArtifactRef(key="m1", sha256="11").model_dump(mode="json")
     assert manifest(state)["best_round"] == 1
+
+
+def test_a_round_closed_early_without_its_predictions_file_lists_none(store):  # type: ignore[no-untyped-def]
+    from llamaduo.reporting.manifest import PREDICTIONS_NOT_WRITTEN, write_manifest
+    from llamaduo.storage.keys import migration_key, predictions_key
+
+    start, state, _ = begin()
+    score_round(state, start, 0, [1, 1, 1, 1])
+    domain.on_synth_ready(state, start.follow(Subject.SYNTH_READY, SynthReady(
+        dataset=ArtifactRef(key="s1", rows=10), generated=10, kept=10), round=1))
+    score_round(state, start, 1, [50, 50, 50, 50])
+    mid = state.migration_id
+    for rnd in state.rounds:  # both closed early; only round 1's shards were all answered and joined
+        rnd.judging_closed = True
+        rnd.predictions = ArtifactRef(key=predictions_key(mid, rnd.round))
+    store.put_jsonl(predictions_key(mid, 1), [])
+    write_manifest(store, state)
+    rounds = store.get_json(migration_key(mid, "manifest.json"))["rounds"]
+    assert rounds[0]["predictions"] is None and rounds[0]["predictions_note"] == PREDICTIONS_NOT_WRITTEN
+    assert rounds[1]["predictions"]["key"] == predictions_key(mid, 1) and "predictions_note" not in rounds[1]
