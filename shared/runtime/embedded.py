@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamaduo.runtime.local_servers import ManagedProcess, NatsServer, S3Server
+from llamaduo.runtime.local_servers import ManagedProcess, NatsCluster, NatsServer, S3Server
 from llamaduo.runtime.service import MIGRATION_SERVICES
 from llamaduo.settings import Settings
 
@@ -24,7 +24,11 @@ class Embedded:
     services: tuple[str, ...] = MIGRATION_SERVICES
     replicas: dict[str, int] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: NATS nodes: 1 = one nats-server; more = a JetStream cluster of that many nodes on loopback, the stream and
+    #: every bucket replicated on all of them
+    nats_nodes: int = 1
     nats: NatsServer | None = None
+    cluster: NatsCluster | None = None
     s3: S3Server | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
 
@@ -32,7 +36,10 @@ class Embedded:
         self.data_dir = self.data_dir.resolve()
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
-            self.nats = NatsServer(self.data_dir / "nats").start()
+            if self.nats_nodes > 1:
+                self.cluster = NatsCluster(self.data_dir / "nats", size=self.nats_nodes).start()
+            else:
+                self.nats = NatsServer(self.data_dir / "nats").start()
             self.s3 = S3Server(self.data_dir / "s3").start()
             for name in self.services:
                 for i in range(self.replicas.get(name, 1)):
@@ -44,10 +51,11 @@ class Embedded:
 
     @property
     def settings(self) -> Settings:
-        assert self.nats and self.s3, "start() first"
+        nats = self.cluster or self.nats
+        assert nats and self.s3, "start() first"
         return Settings(
-            nats_url=self.nats.url, s3_endpoint=self.s3.endpoint, s3_access_key=self.s3.access_key,
-            s3_secret_key=self.s3.secret_key, work_dir=self.data_dir / "work",
+            nats_url=nats.url, nats_replicas=self.nats_nodes, s3_endpoint=self.s3.endpoint,
+            s3_access_key=self.s3.access_key, s3_secret_key=self.s3.secret_key, work_dir=self.data_dir / "work",
         )
 
     def env(self) -> dict[str, str]:
@@ -60,7 +68,8 @@ class Embedded:
         s = self.settings
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMADUO_") or k == "LLAMADUO_CACHE_DIR"}
         env.update({
-            "LLAMADUO_NATS_URL": s.nats_url, "LLAMADUO_S3_ENDPOINT": s.s3_endpoint,
+            "LLAMADUO_NATS_URL": s.nats_url, "LLAMADUO_NATS_REPLICAS": str(s.nats_replicas),
+            "LLAMADUO_S3_ENDPOINT": s.s3_endpoint,
             "LLAMADUO_S3_ACCESS_KEY": s.s3_access_key.get_secret_value(),
             "LLAMADUO_S3_SECRET_KEY": s.s3_secret_key.get_secret_value(),
             "LLAMADUO_WORK_DIR": str(s.work_dir), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
@@ -90,6 +99,8 @@ class Embedded:
             self.s3.stop()
         if self.nats:
             self.nats.stop()
+        if self.cluster:
+            self.cluster.stop()
 
     def __enter__(self) -> Embedded:
         return self.start()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,46 +16,12 @@ from support.specs import triage_spec
 from llamaduo.bus.connection import connect
 from llamaduo.contracts.events import Subject
 from llamaduo.runtime.embedded import Embedded
-from llamaduo.runtime.local_servers import NatsCluster, S3Server
 from llamaduo.settings import Settings
 
 pytestmark = pytest.mark.slow
 
 TEST_ROWS = 40
 MIGRATION = "m-cluster"
-
-
-@dataclass
-class ClusteredEmbedded(Embedded):
-    """The embedded installation with a three-node NATS cluster instead of one nats-server."""
-
-    cluster: NatsCluster | None = None
-
-    def start(self) -> ClusteredEmbedded:
-        self.data_dir = self.data_dir.resolve()
-        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
-        try:
-            self.cluster = NatsCluster(self.data_dir / "nats").start()
-            self.s3 = S3Server(self.data_dir / "s3").start()
-            for name in self.services:
-                self.start_service(name)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    @property
-    def settings(self) -> Settings:
-        assert self.cluster and self.s3, "start() first"
-        return Settings(
-            nats_url=self.cluster.url, nats_replicas=3, s3_endpoint=self.s3.endpoint,
-            s3_access_key=self.s3.access_key, s3_secret_key=self.s3.secret_key, work_dir=self.data_dir / "work",
-        )
-
-    def stop(self) -> None:
-        super().stop()
-        if self.cluster:
-            self.cluster.stop()
 
 
 async def _stream_leader(settings: Settings) -> str:
@@ -68,7 +33,7 @@ async def _stream_leader(settings: Settings) -> str:
 
 
 
-async def _run(env: ClusteredEmbedded, spec: dict, timeout: float) -> tuple[str, str, list]:
+async def _run(env: Embedded, spec: dict, timeout: float) -> tuple[str, str, list]:
     """Run the migration; at the first eval.scored of round 0, kill -9 the stream's leader node.
     ``(killed node, leader afterwards, stored events)``."""
     from llamaduo.bus.client import publish_start, wait_ready
@@ -104,8 +69,7 @@ def test_migration_survives_kill_minus_nine_of_the_stream_leader(tmp_path: Path,
     base = triage_spec(triage_data)
     spec = {**base, "judge": {**base["judge"], "batch_size": 5}}  # several batches: the kill lands mid-round
     began = time.monotonic()
-    with ClusteredEmbedded(tmp_path / "install", extra_env={"LLAMADUO_ACK_WAIT_SECONDS": "4",
-                                                            "LLAMADUO_NATS_REPLICAS": "3"}) as env:
+    with Embedded(tmp_path / "install", nats_nodes=3, extra_env={"LLAMADUO_ACK_WAIT_SECONDS": "4"}) as env:
         killed, leader, events = asyncio.run(_run(env, spec, timeout=240))
         crashed = [p.name for p in env.processes if p.proc.poll() is not None]
     print(f"killed stream leader {killed}, new leader {leader}, wall {time.monotonic() - began:.1f}s")
