@@ -231,16 +231,23 @@ async def continuity(scene: Scene, tickets: list[str]) -> None:
     assert changes[-1].payload.previous.version == migration_id
 
 
-def test_capture_migrate_canary_full_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def tiny_local_server(tmp_path: Path) -> tuple[ServerThread, Path]:
+    """``llamaduo serve``'s app on the tiny base (the services' own: set ``LLAMADUO_CACHE_DIR`` first) with the
+    adapters folder a promoted version's adapter is loaded into; ``(server, folder)``, the caller stops it."""
     from llamaduo.models.resolve import resolve_base_model
     from llamaduo.serving.app import create_app
 
-    monkeypatch.setenv("LLAMADUO_CACHE_DIR", str(tmp_path / "cache"))  # the services' tiny base is this one
-    tickets = [row["instruction"] for row in make_dataset(n_train=0, n_test=32, seed=5)]
     adapters_dir = tmp_path / "adapters"
     adapters_dir.mkdir()
     local = ServerThread.start(create_app({"tiny-base": Path(resolve_base_model("tiny:llama"))},
                                           adapters_dir=adapters_dir))
+    return local, adapters_dir
+
+
+def test_capture_migrate_canary_full_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMADUO_CACHE_DIR", str(tmp_path / "cache"))  # the services' tiny base is this one
+    tickets = [row["instruction"] for row in make_dataset(n_train=0, n_test=32, seed=5)]
+    local, adapters_dir = tiny_local_server(tmp_path)
     started = time.monotonic()
     try:
         with FakeOpenAIServer(responder=answer_as_service_llm) as upstream, Embedded(tmp_path / "install") as env:

@@ -42,6 +42,7 @@ from tests.system.test_continuity import (
     Scene,
     answer_as_service_llm,
     spec,
+    tiny_local_server,
     unique,
 )
 from tests.system.test_continuity import running as continuity_running
@@ -195,17 +196,11 @@ async def remigration(scene: Scene, tickets: list[str], judge: FakeOpenAIServer)
 
 def test_low_shadow_scores_remigrate_and_promote_only_if_better(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from llamaduo.models.resolve import resolve_base_model
-    from llamaduo.serving.app import create_app
-
     monkeypatch.setenv("LLAMADUO_CACHE_DIR", str(tmp_path / "cache"))  # the services' tiny base is this one
     tickets = [row["instruction"] for row in make_dataset(n_train=0, n_test=32, seed=5)]
     template_path = tmp_path / "remigrate.yaml"
     template_path.write_text(yaml.safe_dump(template()))
-    adapters_dir = tmp_path / "adapters"
-    adapters_dir.mkdir()
-    local = ServerThread.start(create_app({"tiny-base": Path(resolve_base_model("tiny:llama"))},
-                                          adapters_dir=adapters_dir))
+    local, adapters_dir = tiny_local_server(tmp_path)
     started = time.monotonic()
     try:
         with FakeOpenAIServer(responder=answer_as_service_llm) as upstream, \
