@@ -7,8 +7,9 @@
   ``student.inference.backend`` picks, see the domain module; a stored shard reused) -> the shard to S3 -> its
   ``judge.request`` batches at once, so judging overlaps the generation of the other shards; whoever stores the
   last shard joins them into the round's ``predictions.jsonl``. A shard of a round whose judging the controller
-  already closed (early stopping, :class:`~llamaduo.storage.markers.ClosedRounds`) is skipped: nothing would
-  judge it, so that round's ``predictions.jsonl`` is not written (its answered shards stay in S3).
+  closed (early stopping, :class:`~llamaduo.storage.markers.ClosedRounds`) before or while it is answered is
+  abandoned: nothing would judge it, so that round's ``predictions.jsonl`` is not written (its answered shards
+  stay in S3).
 * ``migration.completed`` -> when the spec's ``serve.enabled`` is set, serve the migration's chosen model on
   ``serve.host:serve.port`` under ``serve.model_name`` (default: the migration id), from a thread of this
   service (:mod:`~llamaduo.services.inference.serve_after`). With several inference replicas, one of them
@@ -175,16 +176,13 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         overlaps the rest of the round's generation); whoever stores the last shard joins the predictions."""
         clock = WorkClock()
         p = event.payload
-        if await asyncio.to_thread(rounds.closed, event.migration_id, event.round):
-            log.info("shard skipped: the round's judging is closed", extra={
-                "migration_id": event.migration_id, "round": event.round, "shard": p.shard})
-            return
         spec = await asyncio.to_thread(specs.get, event.migration_id)
         by_id = await asyncio.to_thread(test_examples, event.migration_id)
         chunk = [by_id[i] for i in p.prompt_ids]
         k = spec.student.inference.samples_per_prompt
         started = time.monotonic()
-        # judging may close while this shard is answered (the scores of earlier shards decide): asked each second
+        # judging may close before or while this shard is answered (the scores of earlier shards decide): asked
+        # before the model is loaded, then once a second during generation
         closed = every(1.0, lambda: rounds.closed(event.migration_id, event.round))
         try:
             with clock.stage("generate"):  # the model load inside (first shard of the round here) is "load"

@@ -48,13 +48,14 @@ def every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:
     """``check``, asked at most once per ``seconds`` (the last answer in between); true stays true."""
     import time
 
-    last = [float("-inf"), False]
+    asked_at, answer = float("-inf"), False
 
     def throttled() -> bool:
+        nonlocal asked_at, answer
         now = time.monotonic()
-        if not last[1] and now - float(last[0]) >= seconds:
-            last[0], last[1] = now, check()
-        return bool(last[1])
+        if not answer and now - asked_at >= seconds:
+            asked_at, answer = now, check()
+        return answer
 
     return throttled
 

@@ -19,6 +19,7 @@ from llamaduo.contracts.events import ArtifactRef, JudgeItem
 from llamaduo.contracts.spec import MigrationSpec
 from llamaduo.data.examples import Example
 from llamaduo.runtime.work_clock import work_stage
+from llamaduo.services.inference.domain import GenerationStopped
 from llamaduo.storage.keys import predictions_key, shard_key
 from llamaduo.storage.store import ArtifactStore
 
@@ -88,8 +89,6 @@ def answer_shard(
     :func:`predict_in_shards` says, and a cancel during generation ends it at once too. ``abandon`` (the round's
     judging closed): asked before and during generation; when true, :class:`ShardAbandoned` is raised and the
     shard is not stored."""
-    from llamaduo.services.inference.domain import GenerationStopped
-
     cancelled = should_cancel or (lambda: False)
     dropped = abandon or (lambda: False)
     key = shard_key(migration_id, round, index, split)
