@@ -159,8 +159,10 @@ async def run_migration(settings: Settings, spec: MigrationSpec, migration_id: s
     store = ArtifactStore(settings)
     spec = await asyncio.to_thread(upload_dataset, store, migration_id, spec)
     await publish_start(settings, migration_id, spec)
+    from llamaduo.reporting.timeline import Timeline
+
     final = None
-    seen: list[Envelope] = []
+    timeline = Timeline()  # the times of the events, for the stage split at the end
 
     display, show = progress_sink(spec, migration_id, log, live)
 
@@ -168,7 +170,7 @@ async def run_migration(settings: Settings, spec: MigrationSpec, migration_id: s
         nonlocal final
         with display:
             async for env in follow(settings, migration_id):
-                seen.append(env)
+                timeline.add(env)
                 show(env)
                 if env.type in TERMINAL:
                     final = env
@@ -187,10 +189,8 @@ async def run_migration(settings: Settings, spec: MigrationSpec, migration_id: s
             t.cancel()
     result = summary(migration_id, final)
     if final is not None:
-        from llamaduo.reporting.timeline import stage_split
-
         with contextlib.suppress(ValueError):  # migration.start not seen: the split is left out
-            result["stages"] = stage_split(seen).model_dump()
+            result["stages"] = timeline.split().model_dump()
     return result
 
 

@@ -49,58 +49,80 @@ class StageSplit(BaseModel):
         return self.shares.get(IDLE, 0.0)
 
 
-def work_spans(events: Iterable[Envelope]) -> list[Span]:
-    """The reported work of ``events`` as spans, each event's stages back to back, ending at its ``occurred_at``."""
+def spans_of(env: Envelope) -> list[Span]:
+    """The reported work of one event as spans, its stages back to back, ending at its ``occurred_at``."""
+    work = getattr(env.payload, "work", None)
+    if work is None:
+        return []
     spans: list[Span] = []
-    for env in events:
-        work = getattr(env.payload, "work", None)
-        if work is None:
-            continue
-        start = env.occurred_at.timestamp() - work.total
-        for stage in STAGES:
-            seconds = getattr(work, stage)
-            if seconds > 0:
-                spans.append(Span(stage, start, start + seconds, str(env.type)))
-                start += seconds
+    start = env.occurred_at.timestamp() - work.total
+    for stage in STAGES:
+        seconds = getattr(work, stage)
+        if seconds > 0:
+            spans.append(Span(stage, start, start + seconds, str(env.type)))
+            start += seconds
     return spans
 
 
-def stage_split(events: Iterable[Envelope]) -> StageSplit:
-    """Split the wall time of one migration's ``events`` (in any order) by stage.
+def work_spans(events: Iterable[Envelope]) -> list[Span]:
+    """The reported work of ``events`` as spans (see :func:`spans_of`)."""
+    return [span for env in events for span in spans_of(env)]
 
-    Raises ``ValueError`` when they hold no ``migration.start`` or no terminal event (the migration must have
-    ended)."""
-    events = list(events)
-    starts = [e.occurred_at.timestamp() for e in events if e.type == Subject.MIGRATION_START]
-    ends = [e.occurred_at.timestamp() for e in events if e.type in TERMINAL_SUBJECTS]
-    if not starts or not ends:
-        raise ValueError("a stage split needs the migration's migration.start and its terminal event")
-    begin, finish = min(starts), max(ends)
-    spans = [s for s in work_spans(events) if s.end > begin and s.start < finish]
-    cuts = sorted({begin, finish, *(min(max(t, begin), finish) for s in spans for t in (s.start, s.end))})
-    seconds = dict.fromkeys((*STAGES, IDLE), 0.0)
-    overlap = 0.0
-    for a, b in pairwise(cuts):
-        middle = (a + b) / 2
-        active = [s.stage for s in spans if s.start <= middle < s.end]
-        if not active:
-            seconds[IDLE] += b - a
-            continue
-        if len(active) > 1:
-            overlap += b - a
-        for stage in active:
-            seconds[stage] += (b - a) / len(active)
-    busy = dict.fromkeys(STAGES, 0.0)
-    for s in spans:
-        busy[s.stage] += min(s.end, finish) - max(s.start, begin)
-    wall = finish - begin
-    return StageSplit(
-        wall_seconds=round(wall, 3),
-        seconds={k: round(v, 3) for k, v in seconds.items()},
-        shares={k: round(v / wall, 4) if wall > 0 else 0.0 for k, v in seconds.items()},
-        busy_seconds={k: round(v, 3) for k, v in busy.items()},
-        overlap_seconds=round(overlap, 3),
-    )
+
+class Timeline:
+    """One migration's work spans and its start and end, gathered event by event (a follower keeps these few
+    numbers, not the events), split by stage once it has ended."""
+
+    def __init__(self, events: Iterable[Envelope] = ()) -> None:
+        self.spans: list[Span] = []
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        for env in events:
+            self.add(env)
+
+    def add(self, env: Envelope) -> None:
+        if env.type == Subject.MIGRATION_START:
+            self.starts.append(env.occurred_at.timestamp())
+        elif env.type in TERMINAL_SUBJECTS:
+            self.ends.append(env.occurred_at.timestamp())
+        self.spans.extend(spans_of(env))
+
+    def split(self) -> StageSplit:
+        """The wall time by stage. Raises ``ValueError`` without a ``migration.start`` or a terminal event (the
+        migration must have ended)."""
+        if not self.starts or not self.ends:
+            raise ValueError("a stage split needs the migration's migration.start and its terminal event")
+        begin, finish = min(self.starts), max(self.ends)
+        spans = [s for s in self.spans if s.end > begin and s.start < finish]
+        cuts = sorted({begin, finish, *(min(max(t, begin), finish) for s in spans for t in (s.start, s.end))})
+        seconds = dict.fromkeys((*STAGES, IDLE), 0.0)
+        overlap = 0.0
+        for a, b in pairwise(cuts):
+            middle = (a + b) / 2
+            active = [s.stage for s in spans if s.start <= middle < s.end]
+            if not active:
+                seconds[IDLE] += b - a
+                continue
+            if len(active) > 1:
+                overlap += b - a
+            for stage in active:
+                seconds[stage] += (b - a) / len(active)
+        busy = dict.fromkeys(STAGES, 0.0)
+        for s in spans:
+            busy[s.stage] += min(s.end, finish) - max(s.start, begin)
+        wall = finish - begin
+        return StageSplit(
+            wall_seconds=round(wall, 3),
+            seconds={k: round(v, 3) for k, v in seconds.items()},
+            shares={k: round(v / wall, 4) if wall > 0 else 0.0 for k, v in seconds.items()},
+            busy_seconds={k: round(v, 3) for k, v in busy.items()},
+            overlap_seconds=round(overlap, 3),
+        )
+
+
+def stage_split(events: Iterable[Envelope]) -> StageSplit:
+    """Split the wall time of one migration's ``events`` (in any order) by stage (see :meth:`Timeline.split`)."""
+    return Timeline(events).split()
 
 
 def duration(seconds: float) -> str:
