@@ -4,8 +4,8 @@ For each dataset seed and each ``synthesis.strategy`` one migration of the demo 
 SmolLM2-135M, simulated teacher, the same 16 coverage rows per seed) runs on one embedded installation, one at
 a time, with finer synthesis steps than the demo's (``SAMPLES_PER_ROUND`` new rows a round instead of 128) and
 up to ``MAX_ROUNDS`` rounds, no holdout. Uniform draws its seeds at random from the train split; targeted
-draws first the train rows most like the eval items that held the last round below the gate (similarity
-under 90).
+deals each eval item that held the last round below the gate (similarity under 90), worst first, its nearest
+train row (in words and in formats), then each its next nearest.
 
 Rows to gate = the synthetic rows in the training set of the round that passed (the terminal event's rounds);
 a migration that never passes is censored: its figure is a lower bound (``passed: false``) and the ratio says

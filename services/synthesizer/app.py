@@ -20,7 +20,7 @@ from llamaduo.providers.base import make_provider
 from llamaduo.providers.budget import BudgetedProvider, budgeted_provider
 from llamaduo.providers.shared_limits import make_shared_provider
 from llamaduo.runtime.work_clock import WorkClock
-from llamaduo.services.synthesizer.seeds import falls_short
+from llamaduo.services.synthesizer.seeds import shortfalls_worst_first
 from llamaduo.storage.keys import batch_scores_prefix, data_key, round_key
 from llamaduo.storage.store import ArtifactStore, SpecCache
 
@@ -45,8 +45,7 @@ def register(bus: Bus, store: ArtifactStore) -> None:
         if request.scores_round is not None:  # failed test items, from the judged round's score objects
             def failed_ids(round: int) -> list[str]:
                 keys = store.list(batch_scores_prefix(event.migration_id, round))
-                return sorted({s.item_id for k in keys for s in store.read_models(k, Score)
-                               if falls_short(s, spec.judge)})
+                return shortfalls_worst_first((s for k in keys for s in store.read_models(k, Score)), spec.judge)
             ids = await asyncio.to_thread(failed_ids, request.scores_round)
             request = request.model_copy(update={"failed_item_ids": ids})
         provider = await budgeted_provider(bus, event.migration_id, spec.budget,

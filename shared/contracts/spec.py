@@ -387,9 +387,10 @@ class SynthesisSpec(StrictModel):
     seeds_per_call: int = Field(default=4, ge=1, description="Train-split examples shown to the teacher per call")
     examples_per_call: int = Field(default=4, ge=1, description="New examples asked of the teacher per call")
     strategy: Literal["uniform", "targeted"] = Field(
-        default="uniform", description="Seed choice: 'uniform' (random train rows) or 'targeted' (train rows "
-        "most like the eval items that held the last round below the gate: under the threshold for a mean gate, "
-        "under the cut for a coverage, or not judged; the eval items themselves are never sent)")
+        default="uniform", description="Seed choice: 'uniform' (random train rows) or 'targeted' (for each eval "
+        "item that held the last round below the gate, worst first, its nearest train row in words and in "
+        "formats, dealt in turn; below the gate: under the threshold for a mean gate, under the cut for a "
+        "coverage, or not judged; the eval items themselves are never sent)")
     near_duplicate_threshold: float = Field(
         default=0.9, gt=0, le=1, description="MinHash Jaccard above which two examples are near-duplicates"
     )

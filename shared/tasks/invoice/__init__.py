@@ -19,12 +19,13 @@ them) and :mod:`.task` (oracle, dataset, script).
 
 from llamaduo.tasks.invoice.generation import (
     make_item,
+    make_item_like,
     random_invoice,
     random_invoice_number,
     random_vendor,
     render,
 )
-from llamaduo.tasks.invoice.parsing import AMOUNT_RE, DATE_RE, extract, extract_loose, match_family
+from llamaduo.tasks.invoice.parsing import AMOUNT_RE, DATE_RE, extract, extract_loose, match_family, style_of
 from llamaduo.tasks.invoice.task import (
     DATA_PATH,
     DEFAULT_SEED,
@@ -42,6 +43,7 @@ from llamaduo.tasks.invoice.vocabulary import (
     FAMILIES,
     FIELDS,
     Invoice,
+    Style,
     format_amount,
     format_date,
     parse_amount,
@@ -50,7 +52,8 @@ from llamaduo.tasks.invoice.vocabulary import (
 
 __all__ = [
     "AMOUNT_RE", "AMOUNT_STYLES", "ASKS", "CURRENCIES", "DATA_PATH", "DATE_RE", "DATE_STYLES", "DEFAULT_SEED",
-    "FAMILIES", "FIELDS", "Invoice", "InvoiceOracle", "dataset_jsonl", "extract", "extract_loose",
-    "format_amount", "format_date", "main", "make_dataset", "make_item", "match_family", "oracle",
-    "parse_amount", "parse_date", "random_invoice", "random_invoice_number", "random_vendor", "render",
+    "FAMILIES", "FIELDS", "Invoice", "InvoiceOracle", "Style", "dataset_jsonl", "extract", "extract_loose",
+    "format_amount", "format_date", "main", "make_dataset", "make_item", "make_item_like", "match_family",
+    "oracle", "parse_amount", "parse_date", "random_invoice", "random_invoice_number", "random_vendor", "render",
+    "style_of",
 ]

@@ -13,6 +13,7 @@ from llamaduo.tasks.invoice.vocabulary import (
     FAMILIES,
     NO_DECIMALS,
     Invoice,
+    Style,
     format_amount,
     format_date,
 )
@@ -55,10 +56,13 @@ def random_invoice_number(rng: random.Random, year: int) -> str:
     )
 
 
-def random_invoice(rng: random.Random, currencies: list[str] | None = None) -> Invoice:
-    """A random ground truth: dates in 2023-2025, totals from 20 to 20,000 (JPY: 2,000 to 2,000,000)."""
+def random_invoice(rng: random.Random, currencies: list[str] | None = None, with_due: bool | None = None) -> Invoice:
+    """A random ground truth: dates in 2023-2025, totals from 20 to 20,000 (JPY: 2,000 to 2,000,000); a due
+    date in 60% of them unless ``with_due`` says."""
     date = dt.date(2023, 1, 1) + dt.timedelta(days=rng.randrange(3 * 365))
-    due = date + dt.timedelta(days=rng.choice([7, 14, 30, 45, 60])) if rng.random() < 0.6 else None
+    if with_due is None:
+        with_due = rng.random() < 0.6
+    due = date + dt.timedelta(days=rng.choice([7, 14, 30, 45, 60])) if with_due else None
     currency = rng.choice(currencies or list(CURRENCIES))
     total = float(rng.randint(2000, 2000000)) if currency in NO_DECIMALS else round(rng.uniform(20, 20000), 2)
     return Invoice(
@@ -71,12 +75,20 @@ def random_invoice(rng: random.Random, currencies: list[str] | None = None) -> I
     )
 
 
-def render(invoice: Invoice, rng: random.Random, family: str | None = None) -> str:
-    """Write ``invoice`` as an instruction: a text in one template family plus an extraction ask."""
+def render(invoice: Invoice, rng: random.Random, family: str | None = None, style: Style | None = None) -> str:
+    """Write ``invoice`` as an instruction: a text in one template family plus an extraction ask.
+
+    ``style`` fixes the family and the formats (a seed's, see :func:`~llamaduo.tasks.invoice.parsing.style_of`);
+    without it each is drawn at random (``family`` fixes the family only).
+    """
+    if style is not None:
+        family = style.family
     family = family or rng.choice(sorted(FAMILIES))
     body, due_clause = FAMILIES[family]
-    date_style = rng.choice(DATE_STYLES)
-    amount = format_amount(invoice.total, invoice.currency, rng.choice(AMOUNT_STYLES), rng.random() < 0.6)
+    date_style = style.date_style if style else rng.choice(DATE_STYLES)
+    amount_style = style.amount_style if style else rng.choice(AMOUNT_STYLES)
+    thousands = style.thousands if style else rng.random() < 0.6
+    amount = format_amount(invoice.total, invoice.currency, amount_style, thousands)
     due = due_clause.format(due_date=format_date(invoice.due_date, date_style)) if invoice.due_date else ""
     text = body.format(
         vendor=invoice.vendor,
@@ -85,7 +97,7 @@ def render(invoice: Invoice, rng: random.Random, family: str | None = None) -> s
         amount=amount,
         due=due,
     )
-    return f"{text}\n{rng.choice(ASKS)}"
+    return f"{text}\n{style.ask if style else rng.choice(ASKS)}"
 
 
 def make_item(
@@ -95,3 +107,10 @@ def make_item(
     invoice = random_invoice(rng, currencies)
     family = rng.choice(families) if families else None
     return render(invoice, rng, family), invoice
+
+
+def make_item_like(rng: random.Random, style: Style) -> tuple[str, Invoice]:
+    """One random ``(instruction, ground truth)`` pair written in ``style``: new values in the same template,
+    currency and formats, with a due date when the style states one."""
+    invoice = random_invoice(rng, [style.currency], style.with_due)
+    return render(invoice, rng, style=style), invoice

@@ -11,12 +11,18 @@ import string
 from typing import Any
 
 from llamaduo.tasks.invoice.vocabulary import (
+    AMOUNT_STYLES,
+    ASKS,
     CURRENCIES,
+    DATE_STYLES,
     FAMILIES,
     MONTHS,
     NO_DECIMALS,
     NUMBER_RE,
     SYMBOLS,
+    Style,
+    format_amount,
+    format_date,
     parse_amount,
     parse_date,
 )
@@ -74,6 +80,28 @@ def match_family(instruction: str) -> tuple[str, re.Match[str]] | None:
         if match:
             return name, match
     return None
+
+
+def style_of(instruction: str) -> Style | None:
+    """How ``instruction`` is written (family, currency, date and amount formats, ask); ``None`` when it is
+    not in one of the task's templates and styles (a format is recognised by writing the parsed value back)."""
+    found = match_family(instruction)
+    ask = instruction.strip().rpartition("\n")[2].strip()
+    if not found or ask not in ASKS:
+        return None
+    groups = found[1].groupdict()
+    written = [groups["date"], *([groups["due_date"]] if groups["due_date"] else [])]
+    dates = [parse_date(text) for text in written]
+    amount = parse_amount(groups["amount"])
+    if None in dates or amount is None:
+        return None
+    date_style = next((s for s in DATE_STYLES  # the style that writes both dates back ("May" is long and short)
+                       if [format_date(d, s) for d in dates if d] == written), None)
+    amount_style = next(((s, t) for s in AMOUNT_STYLES for t in (True, False)
+                         if format_amount(amount[0], amount[1], s, t) == groups["amount"]), None)
+    if date_style is None or amount_style is None:
+        return None
+    return Style(found[0], amount[1], date_style, amount_style[0], amount_style[1], bool(groups["due_date"]), ask)
 
 
 _VENDOR_END = r"(?=\s*(?:[|;:,(\n]|\.\s|\.$|\s(?:dated|invoice|has|on|for|issued|billed|sent)\b))"

@@ -10,9 +10,8 @@ from pathlib import Path
 
 from llamaduo.data.examples import Example, example_id
 from llamaduo.data.scoring import score_answer
-from llamaduo.tasks.invoice.generation import make_item
-from llamaduo.tasks.invoice.parsing import extract, match_family
-from llamaduo.tasks.invoice.vocabulary import parse_amount
+from llamaduo.tasks.invoice.generation import make_item, make_item_like
+from llamaduo.tasks.invoice.parsing import extract, style_of
 
 DEFAULT_SEED = 2408
 DATA_PATH = Path(__file__).parent.parent / "data" / "invoice.jsonl"
@@ -25,24 +24,18 @@ class InvoiceOracle:
     name = "invoice-extraction"
 
     def propose(self, seeds: list[Example], n: int, seed: int) -> list[str]:
-        """``n`` new invoice instructions reusing the seeds' template families and currencies.
+        """``n`` new invoice instructions, each written like one of the seeds (taken in turn): the seed's
+        template family, currency, date and amount formats and ask, with new vendor, number, dates and total,
+        as a service LLM shown examples copies their form and varies their content.
 
-        Seeds outside the known templates add nothing; with no usable seed every family and currency
+        Seeds outside the known templates add nothing; with no usable seed every family, currency and format
         may appear. Deterministic for a given ``seed`` (and seeds).
         """
         rng = random.Random(seed)
-        families: set[str] = set()
-        currencies: set[str] = set()
-        for example in seeds:
-            found = match_family(example.instruction)
-            if found:
-                families.add(found[0])
-                amount = parse_amount(found[1]["amount"])
-                if amount:
-                    currencies.add(amount[1])
-        family_list = sorted(families) or None
-        currency_list = sorted(currencies) or None
-        return [make_item(rng, family_list, currency_list)[0] for _ in range(n)]
+        styles = [found for found in (style_of(e.instruction) for e in seeds) if found is not None]
+        if not styles:
+            return [make_item(rng)[0] for _ in range(n)]
+        return [make_item_like(rng, styles[i % len(styles)])[0] for i in range(n)]
 
     def answer(self, instruction: str) -> str:
         """The correct JSON answer, by parsing the instruction's text."""

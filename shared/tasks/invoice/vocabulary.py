@@ -87,6 +87,20 @@ class Invoice:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
 
+@dataclass(frozen=True)
+class Style:
+    """How one invoice text is written, apart from its values: template family, currency, date and amount
+    formats, whether it states a due date, and the extraction ask."""
+
+    family: str
+    currency: str
+    date_style: str
+    amount_style: str
+    thousands: bool
+    with_due: bool
+    ask: str
+
+
 def format_date(value: dt.date, style: str) -> str:
     """Render a date in one of :data:`DATE_STYLES` (locale-independent)."""
     month = MONTHS[value.month - 1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 
 import pytest
 from fakes.providers import Scripted
@@ -12,12 +13,12 @@ from faststream.nats import TestNatsBroker
 from llamaduo.bus.broker import Bus
 from llamaduo.contracts.events import Score, Subject, SynthRequest, parse_event, start_envelope
 from llamaduo.contracts.spec import JudgeSpec, SynthesisSpec, TaskSpec, parse_spec
-from llamaduo.data.examples import Example
+from llamaduo.data.examples import Example, example_id
 from llamaduo.services.synthesizer import domain
 from llamaduo.services.synthesizer.app import register as register_synth
-from llamaduo.services.synthesizer.seeds import SeedPool, falls_short
+from llamaduo.services.synthesizer.seeds import SeedPool, falls_short, shortfalls_worst_first
 from llamaduo.storage.keys import batch_scores_key, batch_scores_prefix, data_key, spec_key
-from llamaduo.tasks.invoice import make_dataset, oracle
+from llamaduo.tasks.invoice import make_dataset, make_item_like, oracle, style_of
 
 TASK = TaskSpec(name="invoices", oracle="llamaduo.tasks.invoice:oracle")
 ROWS = make_dataset(n_train=40, n_test=20, seed=9)
@@ -94,9 +95,9 @@ async def test_adapter_targets_eval_failures_only_and_never_reads_holdout_scores
         mock = bus.publisher(Subject.SYNTH_READY).mock
         assert mock is not None
         [ready] = [parse_event(call.args[0]) for call in mock.call_args_list]
-    # the eval items below the gate's bar (similarity_mean >= 90: 10, 85 and a failed judgement, not 90); no
-    # holdout item, though all of them "failed"
-    assert targets_seen == sorted([EVAL[1].id, EVAL[3].id, EVAL[4].id])
+    # the eval items below the gate's bar (similarity_mean >= 90: 10, 85 and a failed judgement, not 90), worst
+    # first; no holdout item, though all of them "failed"
+    assert targets_seen == [EVAL[4].id, EVAL[1].id, EVAL[3].id]
     assert data_key(mid, "holdout") in read  # read for decontamination only
     assert not [k for k in read if "/holdout/" in k]  # holdout scores and predictions never read
     assert ready.payload.kept > 0
@@ -114,3 +115,35 @@ async def test_adapter_targets_eval_failures_only_and_never_reads_holdout_scores
 def test_an_answer_falls_short_of_the_bar_one_answer_must_clear(gate: str, threshold: float, score: Score,
                                                                 short: bool) -> None:
     assert falls_short(score, JudgeSpec(gate=gate, threshold=threshold)) is short  # type: ignore[arg-type]
+
+
+def test_shortfalls_come_worst_first_each_item_by_its_worst_judgement() -> None:
+    judge = JudgeSpec(gate="similarity_mean", threshold=90)
+    scores = [Score(item_id="b", similarity=85, precision=85), Score(item_id="a", similarity=40, precision=40),
+              Score(item_id="c", similarity=95, precision=95), Score(item_id="d", failed=True),
+              Score(item_id="b", similarity=20, precision=20), Score(item_id="e", similarity=85, precision=85)]
+    assert shortfalls_worst_first(scores, judge) == ["d", "b", "a", "e"]
+
+
+def _invoice(amount: str, vendor: str = "Acme Supplies GmbH", num: str = "INV-2024-0042") -> Example:
+    text = f"INVOICE {num} | {vendor} | Date: 2024-03-05 | Total: {amount}\nReturn the invoice fields as JSON."
+    return Example(id=example_id(text, "t"), instruction=text, response=oracle.answer(text))
+
+
+def test_the_nearest_seed_is_written_like_the_failure_not_only_with_its_words() -> None:
+    # the same words and numbers in both train rows; only the european row writes the amount as the target does
+    us, european = _invoice("EUR 1,234.50"), _invoice("1.234,50 EUR")
+    target = _invoice("9.870,10 EUR", vendor="Globex Labs AB", num="INV-2025-0777")
+    for shuffle in range(5):
+        pool = SeedPool([us, european], set(), random.Random(shuffle), [target.instruction])
+        assert pool.draw(1) == [european]
+
+
+def test_every_failure_gets_its_nearest_seed_before_any_gets_a_second() -> None:
+    headers = [e for e in TRAIN if e.instruction.startswith("INVOICE")]
+    other = next(e for e in TRAIN if e.instruction.startswith("Reminder"))
+    like_other = make_item_like(random.Random(1), style_of(other.instruction))[0]  # type: ignore[arg-type]
+    failures = [*(e.instruction for e in headers[:4]), like_other]  # four failures like many rows, one like one
+    pool = SeedPool([*headers, other], set(), random.Random(0), failures)
+    first = pool.draw(5)
+    assert first[:4] == headers[:4] and first[4] == other  # the last failure's nearest row, dealt in its turn

@@ -14,8 +14,11 @@ from llamaduo.tasks.invoice import (
     dataset_jsonl,
     make_dataset,
     make_item,
+    make_item_like,
     match_family,
     oracle,
+    render,
+    style_of,
 )
 from llamaduo.tasks.oracle import ScoringOracle, load_oracle
 
@@ -104,6 +107,32 @@ def test_propose_is_deterministic_and_follows_seeds() -> None:
         assert json.loads(oracle.answer(text))["currency"] == "EUR"
     anything = oracle.propose([], 60, seed=1)
     assert len({match_family(t)[0] for t in anything}) > 3  # type: ignore[index]
+
+
+def test_every_style_of_the_dataset_is_recognised_and_written_back() -> None:
+    rng = random.Random(4)
+    styles = [style_of(r["instruction"]) for r in make_dataset()]
+    assert None not in styles and len(set(styles)) > 150
+    for style in styles:
+        text, truth = make_item_like(rng, style)  # type: ignore[arg-type]
+        found = style_of(text)  # may differ where two styles write the same text ("4 May 2023": long or short)
+        assert found is not None and render(truth, rng, style=found) == text
+        assert found.family == style.family and found.with_due == style.with_due  # type: ignore[union-attr]
+        assert json.loads(oracle.answer(text)) == truth.to_dict()
+    assert style_of("Please pay Acme Ltd 12 EUR.\nExtract the invoice data as JSON.") is None  # no template
+
+
+def test_proposals_copy_each_seeds_form_in_turn_with_new_values() -> None:
+    seeds = _examples([r["instruction"] for r in make_dataset() if r["split"] == "train"][:3])
+    proposed = oracle.propose(seeds, 7, seed=2)
+    assert [style_of(t) for t in proposed] == [style_of(seeds[i % 3].instruction) for i in range(7)]
+    def values(answers: list[str]) -> set[tuple[str, float]]:
+        return {(a["invoice_number"], a["total"]) for a in map(json.loads, answers)}
+
+    new = values([oracle.answer(t) for t in proposed])
+    assert len(new) == 7 and not new & values([s.response for s in seeds])
+    outside = _examples(["Please pay Acme Ltd 12 EUR.\nExtract the invoice data as JSON."])
+    assert oracle.propose(outside, 5, seed=9) == oracle.propose([], 5, seed=9)  # an unusable seed adds nothing
 
 
 def test_score_orders_answers() -> None:
