@@ -187,8 +187,10 @@ class InferDone(BaseModel):
     """A round's size, published before its first answer (the inference worker that split the round into
     ``infer.shard`` requests): the controller then knows the round's total before any score arrives."""
 
-    predictions: ArtifactRef = Field(description="The round's joined predictions (the shards joined by whichever "
-                                     "worker stores the last one; no sha256 when published before they exist)")
+    predictions: ArtifactRef = Field(description="Where the round's joined predictions go (the shards joined by "
+                                     "whichever worker stores the last one; no sha256 when published before they "
+                                     "exist); never written when the round's judging closes before every shard is "
+                                     "answered (early stop): its answered shards stay, and the manifest says so")
     prompts: int = Field(description="Prompts answered in the round (the eval split's rows)")
     samples_per_prompt: int = Field(description="Answers per prompt (K)")
     batches: int = Field(description="Number of judge.request batches published for this round")
