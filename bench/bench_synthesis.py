@@ -14,7 +14,8 @@ passing one and the passing one: an estimate finer than the step, reported besid
 is judged on the measured rows). Both strategies of a seed share everything but the seed choice (round 0 is
 the same run twice: the loop has no way to share it).
 
-Usage: ``python bench/bench_synthesis.py [SEEDS]`` (default 3). CPU-heavy: run it alone. One JSON line per
+Usage: ``python bench/bench_synthesis.py [SEEDS]``: a count (seeds 0 .. SEEDS-1, default 3) or a comma-separated
+list of seeds (``3,4``: more seeds beside an earlier run). CPU-heavy: run it alone. One JSON line per
 migration as it ends; last stdout line: one JSON object with the rows per seed, the medians, min-max spreads
 and the targeted/uniform ratio of the medians (target <= 0.7).
 """
@@ -93,8 +94,13 @@ def spread(values: list[int]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` -> seeds 0, 1, 2; ``"3,4"`` -> seeds 3 and 4."""
+    return [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+
+
 def main() -> None:
-    seeds = list(range(int(sys.argv[1]) if len(sys.argv) > 1 else 3))
+    seeds = parse_seeds(sys.argv[1] if len(sys.argv) > 1 else "3")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     runs: list[dict] = []
