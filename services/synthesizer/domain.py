@@ -124,7 +124,8 @@ async def synthesize(
     targets: list[str] = []
     if spec.strategy == "targeted":
         targets = [by_id[i].instruction for i in request.failed_item_ids if i in by_id]
-    pool = SeedPool(train, set(request.exclude_seed_ids), rng, targets)
+    # ordering a targeted pool compares every failure with every train row: seconds for a large split, off the loop
+    pool = await asyncio.to_thread(SeedPool, train, set(request.exclude_seed_ids), rng, targets)
     embeddings: EmbeddingFilter | None = None
     if spec.embedding_decontamination_threshold is not None or spec.embedding_near_duplicate_threshold is not None:
         embeddings = await asyncio.to_thread(
@@ -155,10 +156,10 @@ async def synthesize(
             max_calls - result.calls,
         )
         jobs = []
-        for _ in range(wave):
+        drawn = await asyncio.to_thread(lambda k=wave: [pool.draw(spec.seeds_per_call) for _ in range(k)])
+        for seeds in drawn:  # a draw that empties the pool orders it again: off the loop too
             n = min(spec.examples_per_call, wanted)
             wanted -= n
-            seeds = pool.draw(spec.seeds_per_call)
             seed_ids.extend(s.id for s in seeds)
             call_seed = (seed * 1_000_003 + round) * 10_007 + result.calls
             result.calls += 1

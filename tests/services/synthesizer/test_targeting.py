@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 
 import pytest
 from fakes.providers import Scripted
@@ -147,3 +148,26 @@ def test_every_failure_gets_its_nearest_seed_before_any_gets_a_second() -> None:
     pool = SeedPool([*headers, other], set(), random.Random(0), failures)
     first = pool.draw(5)
     assert first[:4] == headers[:4] and first[4] == other  # the last failure's nearest row, dealt in its turn
+
+
+def test_the_pool_is_ordered_and_drawn_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ordering compares every failure with every train row (seconds for a large split): never on the loop's thread
+    threads: list[str] = []
+
+    class Spy(SeedPool):
+        def _order(self, examples):  # type: ignore[no-untyped-def]
+            threads.append(threading.current_thread().name)
+            return super()._order(examples)
+
+    monkeypatch.setattr(domain, "SeedPool", Spy)
+    rows = [{"instruction": t, "response": oracle.answer(t)} for t in oracle.propose([], 2, seed=5)]
+    provider = Scripted(lambda n: json.dumps({"examples": rows}), TASK)
+    spec = SynthesisSpec(strategy="targeted", examples_per_call=2, samples_per_round=8, seeds_per_call=3)
+
+    async def run() -> str:
+        await domain.synthesize(TRAIN[:4], EVAL, SynthRequest(samples=8, failed_item_ids=[EVAL[0].id]), spec,
+                                provider, round=1, seed=1, system_prompt="")
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(run())
+    assert len(threads) >= 2 and loop_thread not in threads  # built, then ordered again when the pool ran dry
