@@ -100,13 +100,10 @@ def render(invoice: Invoice, rng: random.Random, family: str | None = None, styl
     return f"{text}\n{style.ask if style else rng.choice(ASKS)}"
 
 
-def make_item(
-    rng: random.Random, families: list[str] | None = None, currencies: list[str] | None = None
-) -> tuple[str, Invoice]:
-    """One random ``(instruction, ground truth)`` pair, optionally limited to some families/currencies."""
-    invoice = random_invoice(rng, currencies)
-    family = rng.choice(families) if families else None
-    return render(invoice, rng, family), invoice
+def make_item(rng: random.Random) -> tuple[str, Invoice]:
+    """One random ``(instruction, ground truth)`` pair: any family, currency and format."""
+    invoice = random_invoice(rng)
+    return render(invoice, rng), invoice
 
 
 def make_item_like(rng: random.Random, style: Style) -> tuple[str, Invoice]:
