@@ -118,18 +118,19 @@ def test_overload_is_429_with_retry_after(app: Any, base_url: str) -> None:
         with lock:
             first = pool.submit(ask, model="tiny", messages=MESSAGES, max_tokens=2)
             second = pool.submit(ask, model="tiny", messages=MESSAGES, max_tokens=2, stream=True)
-            deadline = time.monotonic() + 30
-            while (queue.running, queue.waiting) != (1, 1):
-                assert time.monotonic() < deadline, (queue.running, queue.waiting)
-                time.sleep(0.02)
+            _wait_for_queue(queue, (1, 1), 30)
             with pytest.raises(openai.RateLimitError) as err:
                 ask(model="tiny", messages=MESSAGES, max_tokens=2)
             assert err.value.response.headers["retry-after"] == "3" and err.value.code == "server_busy"
             assert client(base_url).models.list().data  # not a generation: not queued
         assert first.result(60).choices[0].message.content is not None
         assert list(second.result(60))
-    deadline = time.monotonic() + 10  # the server leaves the queue just after its last byte reached the client
-    while (queue.running, queue.waiting) != (0, 0):
+    _wait_for_queue(queue, (0, 0), 10)  # the server leaves the queue just after its last byte reached the client
+
+
+def _wait_for_queue(queue: BoundedQueue, running_waiting: tuple[int, int], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (queue.running, queue.waiting) != running_waiting:
         assert time.monotonic() < deadline, (queue.running, queue.waiting)
         time.sleep(0.02)
 
