@@ -107,14 +107,16 @@ class SeedPool:
         dealt: list[Example] = []
         taken: set[str] = set()
         position = [0] * len(rankings)
-        while len(dealt) < len(order):
+        while True:  # until a pass deals nothing (not a count of rows: an id given twice is dealt once)
+            before = len(dealt)
             for i, ranking in enumerate(rankings):
                 while position[i] < len(ranking) and ranking[position[i]].id in taken:
                     position[i] += 1
                 if position[i] < len(ranking):
                     taken.add(ranking[position[i]].id)
                     dealt.append(ranking[position[i]])
-        return dealt
+            if len(dealt) == before:
+                return dealt
 
     def draw(self, k: int) -> list[Example]:
         """Up to ``k`` seeds, all different (fewer only if the train split is smaller than ``k``)."""

@@ -171,3 +171,13 @@ def test_the_pool_is_ordered_and_drawn_off_the_event_loop(monkeypatch: pytest.Mo
 
     loop_thread = asyncio.run(run())
     assert len(threads) >= 2 and loop_thread not in threads  # built, then ordered again when the pool ran dry
+
+
+def test_a_train_id_given_twice_is_dealt_once_and_the_pool_is_still_ordered() -> None:
+    ordered: list[list[Example]] = []
+    worker = threading.Thread(target=lambda: ordered.append(
+        SeedPool([TRAIN[0], TRAIN[0], TRAIN[1]], set(), random.Random(0), [TRAIN[1].instruction]).draw(3)),
+        daemon=True)
+    worker.start()
+    worker.join(10)
+    assert ordered == [[TRAIN[1], TRAIN[0]]]  # the nearest first; two different seeds are all there are
